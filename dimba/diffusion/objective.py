@@ -1,0 +1,97 @@
+"""The DIMBA training objective: x0-MSE plus a cross-entropy anchor, with self-conditioning.
+
+For clean tokens x0 = embed(tokens), a time t ~ U(t_min, 1) and noise eps per sample:
+    x_t = sqrt(ab(t)) x0 + sqrt(1 - ab(t)) eps          (clean positions keep x0)
+    with probability self_cond_prob:  sc = stopgrad(model(x_t, t, clean, 0))   else sc = 0
+    x0_hat = model(x_t, t, clean, sc)
+    loss = mse_weight * |x0_hat - x0|^2 / d_embed + ce_weight * CE(logits(x0_hat), tokens)
+Both terms are averaged over the positions that are neither clean nor padding. With probability cond_dropout a
+sample loses its conditioning (no clean positions: every token is noised and scored), which trains the
+unconditional branch used by classifier-free guidance.
+
+The randomness (t, eps, the self-conditioning and dropout coin flips) comes from `draw_noise`, one generator per
+sample, so a sample's noise depends only on its own seed: the same global batch gets the same noise however it
+is split over ranks, and a resumed run redraws exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dimba.config.schema import DiffusionConfig
+from dimba.diffusion.schedule import NoiseSchedule
+
+
+@dataclass
+class NoiseDraw:
+    t: torch.Tensor            # (B,) float32 in [t_min, 1]
+    noise: torch.Tensor        # (B, L, d_embed) float32
+    self_cond: torch.Tensor    # (B,) bool
+    drop_cond: torch.Tensor    # (B,) bool
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A 63-bit seed for global sample `index` of optimizer step `step` (splitmix64-style mixing)."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+def draw_noise(cfg: DiffusionConfig, seeds: list[int], seq_len: int, d_embed: int,
+               device: torch.device | str = "cpu") -> NoiseDraw:
+    """Per-sample randomness from per-sample seeds (drawn on the CPU, so it is the same on any device)."""
+    t, noise, sc, drop = [], [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        u = torch.rand(3, generator=g, dtype=torch.float64)
+        t.append(cfg.t_min + (1 - cfg.t_min) * u[0].item())
+        sc.append(bool(u[1].item() < cfg.self_cond_prob))
+        drop.append(bool(u[2].item() < cfg.cond_dropout))
+        noise.append(torch.randn(seq_len, d_embed, generator=g))
+    return NoiseDraw(t=torch.tensor(t, dtype=torch.float32, device=device),
+                     noise=torch.stack(noise).to(device),
+                     self_cond=torch.tensor(sc, device=device),
+                     drop_cond=torch.tensor(drop, device=device))
+
+
+def noised_input(model, schedule: NoiseSchedule, tokens: torch.Tensor, clean: torch.Tensor,
+                 t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, x_t) with clean positions left at x0."""
+    x0 = model.embed(tokens)
+    x_t = schedule.add_noise(x0, t, noise)
+    return x0, torch.where(clean.unsqueeze(-1), x0, x_t)
+
+
+def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
+            use_self_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """x0_hat with self-conditioning on the samples flagged in `use_self_cond` (B,) bool: a first pass without
+    gradient gives the estimate fed to the second pass; unflagged samples get zeros."""
+    sc = None
+    if model.self_condition and use_self_cond is not None and bool(use_self_cond.any()):
+        with torch.no_grad():
+            first = model(x_t, t, clean, None)
+        sc = torch.where(use_self_cond.view(-1, 1, 1), first, torch.zeros_like(first)).detach()
+    return model(x_t, t, clean, sc)
+
+
+def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens: torch.Tensor,
+                   clean: torch.Tensor, draw: NoiseDraw, pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns (loss, terms). `terms` holds detached scalars: loss, mse, ce, acc (argmax accuracy of x0_hat),
+    and the number of scored tokens."""
+    clean = clean & ~draw.drop_cond.unsqueeze(-1)
+    x0, x_t = noised_input(model, schedule, tokens, clean, draw.t, draw.noise)
+    x0_hat = denoise(model, x_t, draw.t, clean, draw.self_cond)
+    scored = (~clean & (tokens != pad_id)).float()
+    n = scored.sum().clamp_min(1.0)
+    mse = (((x0_hat - x0) ** 2).mean(-1) * scored).sum() / n
+    logits = model.logits(x0_hat)
+    ce_tok = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    ce = (ce_tok * scored).sum() / n
+    loss = cfg.mse_weight * mse + cfg.ce_weight * ce
+    with torch.no_grad():
+        acc = ((logits.argmax(-1) == tokens).float() * scored).sum() / n
+    terms = {"loss": loss.detach(), "mse": mse.detach(), "ce": ce.detach(), "acc": acc, "tokens": scored.sum()}
+    return loss, terms

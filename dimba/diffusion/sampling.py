@@ -1,0 +1,97 @@
+"""Samplers: DDPM ancestral and DDIM over the discrete grid, then logits -> tokens.
+
+Every step goes from t to s < t on the grid from `timestep_grid`:
+    x0_hat = model(x_t, t, clean, self_cond = previous x0_hat)
+    DDIM:  eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)
+           sigma   = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(1 - ab_t / ab_s)
+           x_s     = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z
+    DDPM:  x_s ~ q(x_s | x_t, x0_hat) = N(mean, var) with the Gaussian posterior of the forward process
+Clean positions are put back to their exact x0 after every step and their tokens are returned unchanged.
+The update arithmetic runs in `precision` (float32 or float64); the model runs in its own dtype. All randomness
+comes from one torch.Generator on the CPU, so a seed gives the same tokens bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from dimba.config.schema import SamplingConfig
+from dimba.diffusion.schedule import NoiseSchedule, timestep_grid
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then keep the top_k largest (0: all), then the smallest set whose probability reaches top_p
+    (the most likely token is always kept). Removed entries become -inf."""
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """Final logits (B, L, V) -> tokens (B, L): argmax when `greedy`, else a draw from the filtered softmax."""
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float().cpu(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    flat = torch.multinomial(probs.view(-1, probs.size(-1)), 1, generator=generator)
+    return flat.view(probs.shape[:-1]).to(logits.device)
+
+
+@torch.no_grad()
+def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int, length: int,
+           clean_tokens: Optional[torch.Tensor] = None, clean: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu",
+           on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """Generate (batch_size, length) tokens. `clean_tokens` (B, L) with `clean` (B, L) bool gives the positions
+    that are held fixed (a prompt prefix, an infilling frame, ...). `on_step(i, n)` is called after each step."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    dt = torch.float64 if cfg.precision == "float64" else torch.float32
+    d = model.cfg.d_embed
+    if clean is None:
+        clean = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
+        clean_tokens = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+    if clean_tokens is None or clean.shape != (batch_size, length) or clean_tokens.shape != (batch_size, length):
+        raise ValueError(f"clean and clean_tokens must both have shape ({batch_size}, {length})")
+    clean, clean_tokens = clean.to(device), clean_tokens.to(device)
+    keep = clean.unsqueeze(-1)
+    x0_clean = model.embed(clean_tokens).to(dt)
+    x = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
+    x = torch.where(keep, x0_clean, x)
+    grid = timestep_grid(schedule.num_steps, cfg.steps, cfg.spacing)
+    x0_hat = None
+    for i, (step_t, step_s) in enumerate(zip(grid[:-1], grid[1:])):
+        t = schedule.step_to_t(step_t).to(dt)
+        s = schedule.step_to_t(step_s).to(dt)
+        ab_t, ab_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
+        tb = torch.full((batch_size,), float(t), device=device)
+        sc = x0_hat.float() if (model.self_condition and x0_hat is not None) else None
+        x0_hat = model(x.float(), tb, clean, sc).to(dt)
+        x0_hat = torch.where(keep, x0_clean, x0_hat)
+        z = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
+        if cfg.sampler == "ddim":
+            eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
+            sigma = cfg.eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).clamp_min(0).sqrt() if ab_s > 0 else 0.0
+            sigma = torch.as_tensor(sigma, dtype=dt)
+            x = ab_s.sqrt() * x0_hat + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps_hat + sigma * z
+        elif cfg.sampler == "ddpm":
+            a_ts = ab_t / ab_s                                   # alpha from s to t
+            coef_x0 = ab_s.sqrt() * (1 - a_ts) / (1 - ab_t)
+            coef_xt = a_ts.sqrt() * (1 - ab_s) / (1 - ab_t)
+            var = (1 - ab_s) / (1 - ab_t) * (1 - a_ts)
+            x = coef_x0 * x0_hat + coef_xt * x + var.clamp_min(0).sqrt() * z
+        else:
+            raise ValueError(f"unknown sampler {cfg.sampler!r}; use ddpm or ddim")
+        x = torch.where(keep, x0_clean, x)
+        if on_step is not None:
+            on_step(i + 1, len(grid) - 1)
+    tokens = pick_tokens(model.logits(x0_hat.float()), cfg, generator)
+    return torch.where(clean, clean_tokens, tokens)

@@ -1,0 +1,42 @@
+"""Model construction from the config, parameter counts and the FLOP count behind MFU."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from dimba.config.schema import ModelConfig
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model named by `cfg.kind` ('dimba': diffusion denoiser; 'ar': autoregressive twin)."""
+    if cfg.kind == "dimba":
+        from dimba.model.dimba import DimbaModel
+        return DimbaModel(cfg)
+    if cfg.kind == "ar":
+        from dimba.model.ar import ARModel
+        return ARModel(cfg)
+    raise ValueError(f"unknown model.kind {cfg.kind!r}; use 'dimba' or 'ar'")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, also for a model on the meta device or partitioned by ZeRO-3 (`ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def mixer_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs of one Mamba-2 mixer per token, Megatron-LM's count:
+    in_proj 2*h*(2*d_in + 2*G*N + nheads) + SSD scan 7*d_in*N + out_proj 2*d_in*h."""
+    h, d_in, n, g = cfg.d_model, cfg.expand * cfg.d_model, cfg.d_state, cfg.ngroups
+    nheads = d_in // cfg.headdim
+    return 2 * h * (2 * d_in + 2 * g * n + nheads) + 7 * d_in * n + 2 * d_in * h
+
+
+def train_flops_per_token(cfg: ModelConfig, self_cond_prob: float = 0.0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) for MFU. A DIMBA block holds two mixers when
+    bidirectional; the output logits cost 2*d_embed*V. Self-conditioning adds a forward-only pass on the
+    flagged fraction of the batch (counted at 1x forward)."""
+    mixers = cfg.n_layers * (2 if cfg.bidirectional else 1)
+    d_out = cfg.d_embed if cfg.kind == "dimba" else cfg.d_model
+    fwd = mixers * mixer_flops_per_token(cfg) + 2 * d_out * cfg.vocab_size
+    if cfg.kind == "dimba":
+        fwd += 2 * cfg.d_model * cfg.d_embed * (2 if cfg.self_condition else 1) + 2 * cfg.d_model * cfg.d_embed
+    return 3 * fwd + self_cond_prob * fwd

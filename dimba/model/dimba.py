@@ -1,0 +1,93 @@
+"""The DIMBA denoiser: noisy token embeddings in, estimate of the clean embeddings (x0) out.
+
+    tokens --TokenEmbedding--> x0 (L2-normalised, norm sqrt(d_embed): unit variance per coordinate)
+    x_t = noised x0 (clean positions keep x0), self_cond = previous x0 estimate (or 0)
+    h = in_proj([x_t, self_cond]) + clean_embedding * clean
+    c = TimestepEmbedding(t) + PromptEncoder(x0 at clean positions)
+    h = DimbaBlock(h, c) x n_layers  (bidirectional Mamba-2, FiLM/additive modulation)
+    x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
+
+Normalised embeddings are what keep the x0-MSE objective from collapsing (free embeddings shrink towards each
+other, which makes the MSE trivially small: Diffusion-LM / DiffuSeq); the CE anchor on the logits keeps them apart.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dimba.config.schema import ModelConfig
+from dimba.model.block import DimbaBlock
+from dimba.model.conditioning import PromptEncoder, RMSNorm, TimestepEmbedding
+
+
+class TokenEmbedding(nn.Module):
+    """Token table used both ways. Everything that reads the table goes through `forward`, so that ZeRO-3 (which
+    gathers a module's partitioned parameters only around its forward) sees every use."""
+
+    def __init__(self, vocab_size: int, d_embed: int, pad_id: int, normalize: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab_size, d_embed))
+        self.pad_id = pad_id
+        self.normalize = normalize
+        self.scale = math.sqrt(d_embed)
+
+    def table(self) -> torch.Tensor:
+        return F.normalize(self.weight, dim=-1) * self.scale if self.normalize else self.weight
+
+    def forward(self, tokens: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+        """`tokens` (B, L) -> embeddings (B, L, d); or `x` (B, L, d) -> logits x . table^T (B, L, V)."""
+        table = self.table()
+        if tokens is not None:
+            emb = F.embedding(tokens, table)
+            return emb.masked_fill((tokens == self.pad_id).unsqueeze(-1), 0.0)
+        return x @ table.to(x.dtype).t()
+
+
+class DimbaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.kind != "dimba":
+            raise ValueError(f"DimbaModel needs model.kind 'dimba', got {cfg.kind!r}")
+        self.cfg = cfg
+        d, de, dc = cfg.d_model, cfg.d_embed, cfg.cond_dim
+        self.token_embedding = TokenEmbedding(cfg.vocab_size, de, cfg.pad_id)
+        self.in_proj = nn.Linear(de * (2 if cfg.self_condition else 1), d)
+        self.clean_embedding = nn.Parameter(torch.zeros(d))
+        self.time_embedding = TimestepEmbedding(dc)
+        self.prompt_encoder = PromptEncoder(de, dc)
+        self.blocks = nn.ModuleList(DimbaBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = RMSNorm(d, cfg.norm_eps)
+        self.out_proj = nn.Linear(d, de)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(de, cfg.vocab_size, bias=False)
+
+    @property
+    def self_condition(self) -> bool:
+        return self.cfg.self_condition
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Clean embeddings x0 (B, L, d_embed) in float32; padding embeds to 0."""
+        return self.token_embedding(tokens=tokens).float()
+
+    def logits(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        """Logits (B, L, V) of an x0 estimate, in float32."""
+        if self.lm_head is not None:
+            return self.lm_head(x0_hat.to(self.lm_head.weight.dtype)).float()
+        return self.token_embedding(x=x0_hat).float()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
+                self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, L, d_embed) with clean positions holding x0; t (B,) in [0, 1]; clean (B, L) bool;
+        self_cond (B, L, d_embed) or None (= zeros). Returns x0_hat (B, L, d_embed) in float32."""
+        dtype = self.in_proj.weight.dtype
+        inp = x_t
+        if self.cfg.self_condition:
+            inp = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond], dim=-1)
+        h = self.in_proj(inp.to(dtype))
+        h = h + clean.unsqueeze(-1).to(dtype) * self.clean_embedding
+        c = self.time_embedding(t) + self.prompt_encoder(x_t.to(dtype), clean)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out_proj(self.norm_f(h)).float()

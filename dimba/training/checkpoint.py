@@ -1,0 +1,135 @@
+"""Checkpoints: DeepSpeed's own files plus DIMBA's client state, complete-or-ignored, last K kept.
+
+Layout of a run directory:
+    RUN_DIR/config.json                       resolved config of the run
+    RUN_DIR/checkpoints/step-00000100/        one checkpoint (the DeepSpeed tag is the folder name)
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed (module + optimizer, any ZeRO stage)
+        ema.safetensors                       full fp32 EMA (gathered; loads on any world size)
+        state.json                            step, tokens seen, per-rank loader states, counters, config
+        rng-rank00000.json                    RNG states of each rank
+        COMPLETE                              written last, after every rank finished
+    RUN_DIR/checkpoints/latest                tag of the newest COMPLETE checkpoint (what DeepSpeed's tools read)
+
+A process that dies while saving leaves a folder without COMPLETE: it is never resumed from, and the next
+save of the same step, or the clean-up at start-up, removes it. Only complete checkpoints count towards keep_last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """Newest complete checkpoint: the one named in `latest` if complete, else the newest COMPLETE folder."""
+    ckpt_dir = Path(ckpt_dir)
+    named = ckpt_dir / "latest"
+    if named.is_file():
+        cand = ckpt_dir / named.read_text().strip()
+        if (cand / COMPLETE).is_file():
+            done = complete_checkpoints(ckpt_dir)
+            return max([cand] + done, key=lambda p: p.name)
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1] if done else None
+
+
+def remove_incomplete(ckpt_dir: Path) -> list[str]:
+    """Delete step folders without COMPLETE (left by a process killed while saving). Rank 0 only."""
+    removed = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and not (p / COMPLETE).is_file():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def rng_state() -> dict:
+    state = {"python": repr(random.getstate()), "torch": torch.get_rng_state().tolist()}
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import ast
+    random.setstate(ast.literal_eval(state["python"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], ema_state: Optional[dict],
+                    keep_last: int, rank: int) -> Path:
+    """Collective: every rank calls it. `state` must already hold every rank's loader state (gathered)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    if rank == 0:
+        if path.exists():               # an incomplete save of this step from a killed run, or a re-save
+            shutil.rmtree(path)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    _atomic_write(path / f"rng-rank{rank:05d}.json", json.dumps(rng_state()))
+    if rank == 0:
+        if ema_state is not None:
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
+        _atomic_write(path / "state.json", json.dumps(state, indent=1))
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(path / COMPLETE, "")
+        _atomic_write(ckpt_dir / "latest", tag)
+        for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, Optional[dict]]:
+    """Load DeepSpeed state into `engine` and return (DIMBA state, full EMA state or None). Collective."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); resume from another one")
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    state = json.loads((path / "state.json").read_text())
+    rng_file = path / f"rng-rank{rank:05d}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    ema_file = path / "ema.safetensors"
+    ema = load_file(str(ema_file)) if ema_file.is_file() else None
+    return state, ema

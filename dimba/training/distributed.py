@@ -1,0 +1,90 @@
+"""Process-group set-up that works the same under the deepspeed launcher, torchrun, srun and a bare `python`.
+
+The deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under
+`srun` (one task per GPU or CPU rank) only SLURM_* is set: we derive the same variables from SLURM_PROCID,
+SLURM_NTASKS and SLURM_LOCALID; MASTER_ADDR / MASTER_PORT come from the batch script (slurm/train.sh exports
+them from the allocation). A bare `python launch/train.py` is a world of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_env(environ: dict | None = None) -> dict:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the launcher, from SLURM_*, or for one process."""
+    env = dict(os.environ if environ is None else environ)
+    out = {}
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out["RANK"], out["WORLD_SIZE"] = env["RANK"], env["WORLD_SIZE"]
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        out["RANK"], out["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        out["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if int(out["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env:
+            raise RuntimeError("running under srun with several tasks but MASTER_ADDR is not set; export it in the "
+                               "batch script (slurm/train.sh does: first host of $SLURM_JOB_NODELIST)")
+    else:
+        out["RANK"], out["WORLD_SIZE"], out["LOCAL_RANK"] = "0", "1", "0"
+    out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" in env:
+        out["MASTER_PORT"] = env["MASTER_PORT"]
+    elif "SLURM_JOB_ID" in env:
+        out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    else:
+        out["MASTER_PORT"] = str(_free_port())
+    return out
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and pick this rank's device."""
+    import deepspeed
+
+    os.environ.update(resolve_env())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (used for stop flags: any rank asking stops every rank)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t.tolist()

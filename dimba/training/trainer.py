@@ -1,0 +1,298 @@
+"""The training loop: loader -> objective -> DeepSpeed step -> EMA -> metrics -> checkpoint.
+
+One call of `Trainer.train_step` is one optimizer step of `gradient_accumulation_steps` micro-batches. A
+micro-batch whose loss is non-finite on any rank is dropped on every rank before its backward (so DeepSpeed's
+accumulation count stays consistent) and counted; `training.max_nonfinite` of them in a row stop the run after a
+save. SIGUSR1/SIGTERM set a flag; ranks agree on it after every micro-batch, finish the step, save and exit 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from dimba.config.schema import Config, save_config
+from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
+from dimba.diffusion.schedule import NoiseSchedule
+from dimba.training import checkpoint as ckpt
+from dimba.training.distributed import DistInfo, all_reduce_max, all_reduce_mean
+from dimba.training.ema import EMA
+from dimba.training.engine import build_engine, peak_flops
+from dimba.training.metrics import MetricsWriter
+from dimba.model.build import count_parameters, train_flops_per_token
+
+VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped for a reason a person must look at (the message says which)."""
+
+
+class StopFlag:
+    """Set by SIGUSR1 / SIGTERM (Slurm pre-emption, time limit, scancel): finish the step, save, exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, info: DistInfo, loader, val_loader=None, tokenizer=None):
+        self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
+        self.loader, self.val_loader, self.tokenizer = loader, val_loader, tokenizer
+        self.schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
+        self.engine, self.model = build_engine(cfg, info)
+        self.ema = EMA(self.model, cfg.training.ema_decay, cfg.zero_stage) if cfg.training.ema_decay > 0 else None
+        self.writer = MetricsWriter(self.run_dir, info.is_main, cfg.logging.tensorboard)
+        self.stop = StopFlag()
+        self.step = 0                 # optimizer steps done
+        self.micro_index = 0          # micro-batches consumed (all ranks together count one per micro-step)
+        self.tokens_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        self.n_params = count_parameters(self.model)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.diffusion.self_cond_prob)
+        self.peak = peak_flops(info.device)
+        self._it: Optional[Iterator] = None
+
+    # ---- state ------------------------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        loader_states = [None] * self.info.world_size
+        dist.all_gather_object(loader_states, self.loader.state_dict())
+        return {"step": self.step, "micro_index": self.micro_index, "tokens_seen": self.tokens_seen,
+                "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+                "world_size": self.info.world_size, "loader": loader_states, "config": self.cfg.to_dict()}
+
+    def save(self) -> Path:
+        state = self.client_state()
+        ema = self.ema.full_state_dict() if self.ema is not None else None
+        path = ckpt.save_checkpoint(self.engine, self.run_dir, self.step, state, ema, self.cfg.training.keep_last,
+                                    self.info.rank)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def resume(self) -> bool:
+        """Resume from the newest complete checkpoint of the run directory, if any."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        if self.info.is_main:
+            for name in ckpt.remove_incomplete(ckpt_dir):
+                self.log(f"removed incomplete checkpoint {name} (the process writing it died)")
+        dist.barrier()
+        path = ckpt.latest_checkpoint(ckpt_dir)
+        if path is None:
+            return False
+        saved = json.loads((path / "state.json").read_text())
+        if saved["config"]["model"] != self.cfg.to_dict()["model"]:
+            diff = [k for k, v in saved["config"]["model"].items() if self.cfg.to_dict()["model"].get(k) != v]
+            raise TrainingStopped(f"checkpoint {path} was written by a different model (model.{diff[0]} differs); "
+                                  "use a new --run-dir or the same model config")
+        if saved["world_size"] != self.info.world_size:
+            raise TrainingStopped(f"checkpoint {path} was written by {saved['world_size']} ranks, this run has "
+                                  f"{self.info.world_size}; resume with the same number of ranks")
+        state, ema = ckpt.load_checkpoint(self.engine, path, self.info.rank)
+        self.step, self.micro_index, self.tokens_seen = state["step"], state["micro_index"], state["tokens_seen"]
+        self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+        self.loader.load_state_dict(state["loader"][self.info.rank])
+        if self.ema is not None and ema is not None:
+            self.ema.load_full_state_dict(ema)
+        self.log(f"resumed from {path} at step {self.step}")
+        return True
+
+    def log(self, msg: str) -> None:
+        if self.info.is_main:
+            print(f"[dimba] {msg}", flush=True)
+
+    # ---- one optimizer step -----------------------------------------------------------------------------
+    def _batches(self) -> Iterator:
+        if self._it is None:
+            self._it = iter(self.loader)
+        return self._it
+
+    def micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        tokens = batch["tokens"].to(self.info.device)
+        clean = batch["clean"].to(self.info.device)
+        b, length = tokens.shape
+        base = self.micro_index * self.info.world_size * b + self.info.rank * b
+        seeds = [sample_seed(self.cfg.training.seed, 0, base + i) for i in range(b)]
+        draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device)
+        return diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw, self.cfg.model.pad_id)
+
+    def train_step(self) -> Optional[dict]:
+        """Run micro-batches until one optimizer step is done; returns averaged terms (None if stopped early)."""
+        done, sums = 0, {}
+        while done < self.cfg.grad_accum:
+            batch = next(self._batches())
+            loss, terms = self.micro_loss(batch)
+            self.micro_index += 1
+            bad, stop = all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.requested)],
+                                       self.info.device)
+            if bad:
+                self.nonfinite_total += 1
+                self.nonfinite_run += 1
+                self.log(f"non-finite loss at step {self.step} (micro-batch dropped; {self.nonfinite_run} in a row)")
+                if self.nonfinite_run >= self.cfg.training.max_nonfinite:
+                    return None
+                continue
+            self.nonfinite_run = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            done += 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if stop and done < self.cfg.grad_accum:
+                self.stop.requested = True
+        self.step += 1
+        self.tokens_seen += self.cfg.grad_accum * self.cfg.micro_batch_size * self.cfg.data.seq_len * self.info.world_size
+        if self.ema is not None:
+            self.ema.update()
+        # agree on the stop flag once more after the step (a signal may have come during the last micro-batch)
+        self.stop.requested = bool(all_reduce_max([float(self.stop.requested)], self.info.device)[0])
+        return {k: v / self.cfg.grad_accum for k, v in sums.items()}
+
+    # ---- evaluation during training ---------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Denoising loss on the val shards with the EMA weights; fixed noise per val sample. Collective."""
+        if self.ema is not None:
+            self.ema.swap_in()
+        self.model.eval()
+        sums, n = {}, 0
+        try:
+            for i, batch in enumerate(self.val_loader):
+                if i >= self.cfg.evaluation.val_batches:
+                    break
+                tokens = batch["tokens"].to(self.info.device)
+                clean = batch["clean"].to(self.info.device)
+                b, length = tokens.shape
+                seeds = [sample_seed(self.cfg.training.seed + VAL_SEED_OFFSET, 0, (i * self.info.world_size + self.info.rank) * b + j)
+                         for j in range(b)]
+                draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device)
+                _, terms = diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw,
+                                          self.cfg.model.pad_id)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+        finally:
+            self.model.train()
+            if self.ema is not None:
+                self.ema.swap_out()
+        keys = ["loss", "mse", "ce", "acc"]
+        # every rank must join the same collectives: ranks with fewer val batches contribute what they have
+        count = all_reduce_mean([float(n)], self.info.device)[0]
+        vals = all_reduce_mean([sums.get(k, 0.0) for k in keys], self.info.device)
+        return {k: v / max(count, 1e-9) for k, v in zip(keys, vals)}
+
+    @torch.no_grad()
+    def text_samples(self) -> list[str]:
+        """A few unconditional samples with the EMA weights (every rank runs them: ZeRO-3 gathers are
+        collective; rank 0 decodes)."""
+        from dimba.diffusion.sampling import sample
+        if self.ema is not None:
+            self.ema.swap_in()
+        self.model.eval()
+        try:
+            g = torch.Generator().manual_seed(self.cfg.training.seed + self.step)
+            tokens = sample(self.model, self.schedule, self.cfg.sampling, self.cfg.evaluation.num_samples,
+                            self.cfg.evaluation.sample_length, generator=g, device=self.info.device)
+        finally:
+            self.model.train()
+            if self.ema is not None:
+                self.ema.swap_out()
+        if self.tokenizer is None:
+            return [" ".join(map(str, t.tolist())) for t in tokens]
+        return [self.tokenizer.decode(t) for t in tokens]
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def write_status(self, state: str, message: str = "") -> None:
+        if self.info.is_main:
+            status = {"state": state, "step": self.step, "max_steps": self.cfg.training.max_steps, "message": message}
+            ckpt._atomic_write(self.run_dir / "status.json", json.dumps(status) + "\n")
+
+    def fit(self) -> int:
+        """Train to training.max_steps (or until stopped); returns the process exit code."""
+        cfg = self.cfg
+        self.stop.install()
+        if self.info.is_main:
+            save_config(cfg, self.run_dir / "config.json")
+        self.resume()
+        self.log(f"model: {self.n_params / 1e6:.2f}M parameters; world size {self.info.world_size}; "
+                 f"ZeRO stage {cfg.zero_stage}; step {self.step}/{cfg.training.max_steps}")
+        self.write_status("running")
+        t_last, tok_last, step_last = time.time(), self.tokens_seen, self.step
+        last_saved = self.step if self.step > 0 else -1
+        while self.step < cfg.training.max_steps:
+            terms = self.train_step()
+            if terms is None:
+                self.save()
+                msg = (f"training stopped: {self.nonfinite_run} consecutive non-finite losses at step {self.step} "
+                       "(training.max_nonfinite); lower training.lr or check the data; saved the last state")
+                self.write_status("failed", msg)
+                raise TrainingStopped(msg)
+            step = self.step
+            if step % cfg.logging.log_every == 0 or step == cfg.training.max_steps:
+                terms = dict(zip(terms, all_reduce_mean(list(terms.values()), self.info.device)))
+                now = time.time()
+                tok_s = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+                per_rank = tok_s / self.info.world_size
+                extra = {"lr": self.engine.get_lr()[0], "tokens_per_s": tok_s, "tokens_per_s_per_rank": per_rank,
+                         "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
+                         "step_time_s": (now - t_last) / max(step - step_last, 1)}
+                gn = self.engine.get_global_grad_norm()
+                if gn is not None:
+                    extra["grad_norm"] = float(gn)
+                if self.peak:
+                    extra["mfu"] = self.flops_per_token * per_rank / self.peak
+                if torch.cuda.is_available():
+                    extra["mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                else:
+                    import resource
+                    extra["mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                for k, v in getattr(self.loader, "counters", {}).items():
+                    if isinstance(v, (int, float)):
+                        extra[f"data/{k}"] = v
+                self.writer.scalars(step, {f"train/{k}": v for k, v in terms.items() if k != "tokens"})
+                self.writer.scalars(step, extra)
+                self.log(f"step {step} loss {terms['loss']:.4f} mse {terms['mse']:.4f} ce {terms['ce']:.4f} "
+                         f"acc {terms['acc']:.3f} lr {extra['lr']:.2e} tok/s {tok_s:.0f}"
+                         + (f" mfu {extra['mfu']:.3f}" if "mfu" in extra else ""))
+                t_last, tok_last, step_last = now, self.tokens_seen, step
+            if self.val_loader is not None and cfg.evaluation.val_every and step % cfg.evaluation.val_every == 0:
+                val = self.validate()
+                self.writer.scalars(step, val, prefix="val/")
+                self.log(f"step {step} val loss {val['loss']:.4f} ce {val['ce']:.4f} acc {val['acc']:.3f}")
+            if cfg.evaluation.sample_every and step % cfg.evaluation.sample_every == 0:
+                texts = self.text_samples()
+                for i, text in enumerate(texts):
+                    self.writer.text(step, f"samples/{i}", text)
+                self.log(f"step {step} sample: {texts[0][:200]!r}")
+            if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or self.stop.requested:
+                self.save()
+                last_saved = step
+            self.writer.flush()
+            if self.stop.requested:
+                self.log(f"stopping at step {step} on {self.stop.signal_name or 'a signal on another rank'} "
+                         "(checkpoint saved; a restart on this run directory resumes)")
+                self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}")
+                self.writer.close()
+                return 0
+        if last_saved != self.step:
+            self.save()
+        self.write_status("finished")
+        self.writer.close()
+        self.log(f"finished: {self.step} steps, {self.tokens_seen} tokens")
+        return 0
