@@ -68,9 +68,11 @@ def noised_input(model, schedule: NoiseSchedule, tokens: torch.Tensor, clean: to
 def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
             use_self_cond: torch.Tensor | None = None) -> torch.Tensor:
     """x0_hat with self-conditioning on the samples flagged in `use_self_cond` (B,) bool: a first pass without
-    gradient gives the estimate fed to the second pass; unflagged samples get zeros."""
+    gradient gives the estimate fed to the second pass; unflagged samples get zeros. The first pass runs whenever
+    `use_self_cond` is given, even if no sample is flagged: under ZeRO-3 every rank must run the same forwards
+    (parameters are gathered collectively), and the flags differ between ranks."""
     sc = None
-    if model.self_condition and use_self_cond is not None and bool(use_self_cond.any()):
+    if model.self_condition and use_self_cond is not None:
         with torch.no_grad():
             first = model(x_t, t, clean, None)
         sc = torch.where(use_self_cond.view(-1, 1, 1), first, torch.zeros_like(first)).detach()
@@ -83,7 +85,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens:
     and the number of scored tokens."""
     clean = clean & ~draw.drop_cond.unsqueeze(-1)
     x0, x_t = noised_input(model, schedule, tokens, clean, draw.t, draw.noise)
-    x0_hat = denoise(model, x_t, draw.t, clean, draw.self_cond)
+    x0_hat = denoise(model, x_t, draw.t, clean, draw.self_cond if cfg.self_cond_prob > 0 else None)
     scored = (~clean & (tokens != pad_id)).float()
     n = scored.sum().clamp_min(1.0)
     mse = (((x0_hat - x0) ** 2).mean(-1) * scored).sum() / n

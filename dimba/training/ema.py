@@ -25,9 +25,16 @@ def ema_update(ema: torch.Tensor, value: torch.Tensor, decay: float) -> None:
     ema.mul_(decay).add_(value.float(), alpha=1 - decay)
 
 
+def ema_decay_at(decay: float, num_updates: int) -> float:
+    """Decay for update number `num_updates` (1-based): min(decay, (1 + n) / (10 + n)), the usual warm-up
+    (TensorFlow's ExponentialMovingAverage with num_updates), so early EMAs are not dominated by the init."""
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
 class EMA:
     def __init__(self, module: nn.Module, decay: float, zero_stage: int):
         self.decay = decay
+        self.num_updates = 0
         self.zero3 = zero_stage == 3
         self.names = [n for n, _ in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
@@ -42,8 +49,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        self.num_updates += 1
+        decay = ema_decay_at(self.decay, self.num_updates)
         for s, p in zip(self.shadow, self.params):
-            ema_update(s, self._source(p), self.decay)
+            ema_update(s, self._source(p), decay)
 
     # ---- full tensors (collective under ZeRO-3) ---------------------------------------------------------
     def _gather(self, part: torch.Tensor, p: nn.Parameter) -> torch.Tensor:

@@ -22,12 +22,10 @@ def check_data(cfg: Config) -> None:
 
 
 def open_tokenizer(cfg: Config):
-    from dimba.data.shards import read_manifest
-    from dimba.data.tokenizer import Tokenizer
-    path = cfg.data.tokenizer or read_manifest(Path(cfg.data.shards))["tokenizer"]["path"]
-    tok = Tokenizer(path)
+    from dimba.data.loader import load_tokenizer
+    tok = load_tokenizer(cfg.data)
     if tok.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but tokenizer {path} has {tok.vocab_size} "
+        raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but tokenizer {tok.path} has {tok.vocab_size} "
                           f"pieces; set --set model.vocab_size={tok.vocab_size}")
     return tok
 

@@ -76,7 +76,8 @@ class Trainer:
         dist.all_gather_object(loader_states, self.loader.state_dict())
         return {"step": self.step, "micro_index": self.micro_index, "tokens_seen": self.tokens_seen,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
-                "world_size": self.info.world_size, "loader": loader_states, "config": self.cfg.to_dict()}
+                "world_size": self.info.world_size, "loader": loader_states, "config": self.cfg.to_dict(),
+                "ema_updates": self.ema.num_updates if self.ema is not None else 0}
 
     def save(self) -> Path:
         state = self.client_state()
@@ -110,6 +111,7 @@ class Trainer:
         self.loader.load_state_dict(state["loader"][self.info.rank])
         if self.ema is not None and ema is not None:
             self.ema.load_full_state_dict(ema)
+            self.ema.num_updates = state["ema_updates"]
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
@@ -154,7 +156,7 @@ class Trainer:
             done += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            if stop and done < self.cfg.grad_accum:
+            if stop:
                 self.stop.requested = True
         self.step += 1
         self.tokens_seen += self.cfg.grad_accum * self.cfg.micro_batch_size * self.cfg.data.seq_len * self.info.world_size
