@@ -15,12 +15,13 @@ save of the same step, or the clean-up at start-up, removes it. Only complete ch
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -28,6 +29,31 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+
+
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_deepspeed_load() -> Iterator[None]:
+    """Within the block, every torch.load (DeepSpeed's included) runs with weights_only=True and only DeepSpeed's
+    plain checkpoint classes allowed, so a tampered checkpoint cannot execute code."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
 
 
 def tag_for(step: int) -> str:
@@ -122,8 +148,9 @@ def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, Optional[dict]
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); resume from another one")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    with safe_deepspeed_load():
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     state = json.loads((path / "state.json").read_text())

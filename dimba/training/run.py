@@ -1,6 +1,7 @@
 """Wiring for `launch/train.py`: config -> process group -> run directory -> loaders -> Trainer.fit()."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -46,6 +47,8 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     run_dir = Path(run_dir) if run_dir else default_run_dir(config_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = init_distributed()
+    if info.is_main:     # the run keeps its own tokenizer, so converted models and tools never need the shards
+        shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
     loader = TokenLoader(cfg.data, split="train", batch_size=cfg.micro_batch_size, rank=info.rank,
                          world_size=info.world_size)
     val_loader = None

@@ -26,6 +26,8 @@ from dimba.training.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from dimba.training.ema import EMA
 from dimba.training.engine import build_engine, peak_flops
 from dimba.training.metrics import MetricsWriter
+from dimba.data.tokenizer import BOS_ID
+from dimba.model.ar import ar_loss
 from dimba.model.build import count_parameters, train_flops_per_token
 
 VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
@@ -125,14 +127,20 @@ class Trainer:
             self._it = iter(self.loader)
         return self._it
 
-    def micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: dict, seed: int, first_index: int) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch; sample i's noise comes from (seed, first_index + i) only."""
         tokens = batch["tokens"].to(self.info.device)
+        if self.cfg.model.kind == "ar":
+            return ar_loss(self.model, tokens, self.cfg.model.pad_id)
         clean = batch["clean"].to(self.info.device)
         b, length = tokens.shape
-        base = self.micro_index * self.info.world_size * b + self.info.rank * b
-        seeds = [sample_seed(self.cfg.training.seed, 0, base + i) for i in range(b)]
+        seeds = [sample_seed(seed, 0, first_index + i) for i in range(b)]
         draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device)
         return diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw, self.cfg.model.pad_id)
+
+    def micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        b = batch["tokens"].shape[0]
+        return self.loss(batch, self.cfg.training.seed, (self.micro_index * self.info.world_size + self.info.rank) * b)
 
     def train_step(self) -> Optional[dict]:
         """Run micro-batches until one optimizer step is done; returns averaged terms (None if stopped early)."""
@@ -178,14 +186,9 @@ class Trainer:
             for i, batch in enumerate(self.val_loader):
                 if i >= self.cfg.evaluation.val_batches:
                     break
-                tokens = batch["tokens"].to(self.info.device)
-                clean = batch["clean"].to(self.info.device)
-                b, length = tokens.shape
-                seeds = [sample_seed(self.cfg.training.seed + VAL_SEED_OFFSET, 0, (i * self.info.world_size + self.info.rank) * b + j)
-                         for j in range(b)]
-                draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device)
-                _, terms = diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw,
-                                          self.cfg.model.pad_id)
+                b = batch["tokens"].shape[0]
+                _, terms = self.loss(batch, self.cfg.training.seed + VAL_SEED_OFFSET,
+                                     (i * self.info.world_size + self.info.rank) * b)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
@@ -209,8 +212,16 @@ class Trainer:
         self.model.eval()
         try:
             g = torch.Generator().manual_seed(self.cfg.training.seed + self.step)
-            tokens = sample(self.model, self.schedule, self.cfg.sampling, self.cfg.evaluation.num_samples,
-                            self.cfg.evaluation.sample_length, generator=g, device=self.info.device)
+            n, length = self.cfg.evaluation.num_samples, self.cfg.evaluation.sample_length
+            if self.cfg.model.kind == "ar":
+                # recurrent decoding reads weights outside module forwards: gather them (ZeRO-3) for its duration
+                import deepspeed
+                with deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=self.cfg.zero_stage == 3):
+                    bos = torch.full((n, 1), BOS_ID, dtype=torch.long, device=self.info.device)
+                    tokens = self.model.generate(bos, length - 1, self.cfg.sampling, g)
+            else:
+                tokens = sample(self.model, self.schedule, self.cfg.sampling, n, length, generator=g,
+                                device=self.info.device)
         finally:
             self.model.train()
             if self.ema is not None:

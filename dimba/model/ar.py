@@ -1,0 +1,89 @@
+"""The autoregressive twin: the same Mamba-2 backbone run causally, trained with next-token cross-entropy.
+
+    tokens -> Embedding -> DimbaBlock (causal, unconditioned) x n_layers -> RMSNorm -> tied lm head -> logits
+
+Same `DimbaBlock`, same mixer and the same config fields as DIMBA (`model.kind: "ar"`, `bidirectional: false`),
+so at equal d_model and n_layers the backbone is identical; the AR twin has no diffusion input/output projections,
+no conditioning and, being causal, one mixer per block. `generate` decodes recurrently with constant memory
+(`Mamba2.step`), after reading the prompt with one parallel forward pass per layer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dimba.config.schema import ModelConfig, SamplingConfig
+from dimba.model.block import DimbaBlock
+from dimba.model.conditioning import RMSNorm
+
+
+class ARModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.kind != "ar" or cfg.bidirectional:
+            raise ValueError("ARModel needs model.kind 'ar' and model.bidirectional false")
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.blocks = nn.ModuleList(DimbaBlock(cfg, i, conditioned=False) for i in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm_f(h)
+        if self.lm_head is not None:
+            return self.lm_head(h).float()
+        return F.linear(h, self.embedding.weight).float()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) -> logits (B, L, V) in float32; position i predicts token i + 1."""
+        h = self.embedding(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self._head(h)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, length: int, cfg: SamplingConfig,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Continue `prompt` (B, P >= 1) by `length` tokens, token by token with recurrent state: (B, P + length).
+        Uses cfg.temperature / top_k / top_p / greedy exactly like the diffusion sampler's final step."""
+        from dimba.diffusion.sampling import pick_tokens
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if prompt.dim() != 2 or prompt.size(1) < 1:
+            raise ValueError("prompt must be (batch, length >= 1); use the BOS id for an empty prompt")
+        b = prompt.size(0)
+        caches = [block.mixer.allocate_inference_cache(b) for block in self.blocks]
+        out = [prompt]
+        logits = None
+        for i in range(prompt.size(1)):                    # read the prompt through the recurrent state
+            logits = self._step(prompt[:, i], caches)
+        for _ in range(length):
+            nxt = pick_tokens(logits.unsqueeze(1), cfg, generator)[:, 0]
+            out.append(nxt[:, None])
+            logits = self._step(nxt, caches)
+        return torch.cat(out, dim=1)
+
+    def _step(self, token: torch.Tensor, caches: list) -> torch.Tensor:
+        h = self.embedding(token)
+        for j, block in enumerate(self.blocks):
+            conv, ssm = caches[j]
+            y, conv, ssm = block.mixer.step(block.norm(h), conv, ssm)
+            caches[j] = (conv, ssm)
+            h = h + y
+        return self._head(h)
+
+
+def ar_loss(model: ARModel, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy over non-pad targets; terms mirror the diffusion objective's (mse is 0)."""
+    logits = model(tokens[:, :-1])
+    target = tokens[:, 1:]
+    scored = (target != pad_id).float()
+    n = scored.sum().clamp_min(1.0)
+    ce = (F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * scored).sum() / n
+    with torch.no_grad():
+        acc = ((logits.argmax(-1) == target).float() * scored).sum() / n
+    zero = torch.zeros((), device=tokens.device)
+    return ce, {"loss": ce.detach(), "mse": zero, "ce": ce.detach(), "acc": acc, "tokens": scored.sum()}

@@ -1,0 +1,166 @@
+"""From a training run to one portable model folder, and loading any model folder back.
+
+    convert_checkpoint(run_dir_or_checkpoint, out_dir, weights="ema"|"raw", dtype="fp32"|"bf16")
+        -> out_dir/model.safetensors + config.json + tokenizer.model
+    load_model_dir(path) -> LoadedModel(cfg, model, tokenizer, step, run_dir)
+        path: a converted folder, a run directory (its newest complete checkpoint) or one checkpoint folder
+
+Raw weights are consolidated from DeepSpeed's fp32 optimizer partitions (any ZeRO stage, any world size) with
+DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`; the EMA comes from the checkpoint's ema.safetensors.
+Nothing is unpickled freely: DeepSpeed's files are read through `torch.load(weights_only=True)` with only the
+three plain DeepSpeed classes they contain allow-listed (`safe_deepspeed_load`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from dimba.config.core import ConfigError
+from dimba.config.schema import Config, config_from_dict
+from dimba.model.build import build_model
+from dimba.training.checkpoint import COMPLETE, latest_checkpoint, safe_deepspeed_load
+
+MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or checkpoint that cannot be used as asked; the message says what to do."""
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A complete checkpoint folder from a run directory or a checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist; pass a run directory, a checkpoint folder or a converted model folder")
+    if (path / COMPLETE).is_file():
+        return path
+    if path.name.startswith("step-") and path.is_dir():
+        raise ModelLoadError(f"checkpoint {path} is incomplete (its save was interrupted); use an earlier one")
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        raise ModelLoadError(f"{path} holds no complete checkpoint (no checkpoints/step-*/{COMPLETE}); "
+                             "is it a training run directory?")
+    return ckpt
+
+
+def checkpoint_config(ckpt: Path) -> tuple[Config, int]:
+    state = json.loads((ckpt / "state.json").read_text())
+    return config_from_dict(state["config"]), int(state["step"])
+
+
+def checkpoint_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of a checkpoint: its EMA, or the raw (optimizer fp32) weights."""
+    if weights == "ema":
+        ema = ckpt / "ema.safetensors"
+        if not ema.is_file():
+            raise ModelLoadError(f"checkpoint {ckpt} has no EMA (training.ema_decay was 0); use --weights raw")
+        return load_file(str(ema))
+    if weights != "raw":
+        raise ModelLoadError(f"--weights must be ema or raw, got {weights!r}")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with safe_deepspeed_load(), contextlib.redirect_stdout(None):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent
+
+
+def find_tokenizer(ckpt: Path, cfg: Config) -> Path:
+    """The run's copy of its tokenizer (written at training start), else the one the config names."""
+    run_copy = _run_dir_of(ckpt) / TOKENIZER_FILE
+    if run_copy.is_file():
+        return run_copy
+    from dimba.data.loader import load_tokenizer
+    try:
+        return Path(load_tokenizer(cfg.data).path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot find the tokenizer of {ckpt}: {e}") from None
+
+
+def convert_checkpoint(src: Path, out_dir: Path, weights: str = "ema", dtype: str = "fp32") -> Path:
+    """Write out_dir/{model.safetensors, config.json, tokenizer.model}; returns out_dir."""
+    if dtype not in ("fp32", "bf16"):
+        raise ModelLoadError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    ckpt = resolve_checkpoint(src)
+    cfg, step = checkpoint_config(ckpt)
+    state = checkpoint_weights(ckpt, weights)
+    _check_architecture(cfg, state, str(ckpt))
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"step": str(step), "weights": weights, "kind": cfg.model.kind, "source": str(ckpt)}
+    save_file({k: v.to(torch_dtype).contiguous() for k, v in state.items()}, str(out_dir / MODEL_FILE), metadata=meta)
+    (out_dir / CONFIG_FILE).write_text(cfg.to_json())
+    shutil.copyfile(find_tokenizer(ckpt, cfg), out_dir / TOKENIZER_FILE)
+    return out_dir
+
+
+def _check_architecture(cfg: Config, state: dict, source: str) -> nn.Module:
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shape = [k for k in expected if k in got and expected[k] != got[k]]
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
+                  else f"{shape[0]} is {got[shape[0]]}, the config says {expected[shape[0]]}")
+        raise ModelLoadError(f"weights in {source} do not fit the model its config describes ({detail}); "
+                             "they belong to another architecture")
+    return model
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: nn.Module
+    tokenizer: object
+    step: int
+    run_dir: Optional[Path]
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> LoadedModel:
+    """Model + config + tokenizer from a converted folder, a run directory or a checkpoint folder (eval mode)."""
+    from dimba.data.errors import DataError
+    from dimba.data.tokenizer import Tokenizer
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        if not (path / CONFIG_FILE).is_file():
+            raise ModelLoadError(f"{path} has {MODEL_FILE} but no {CONFIG_FILE}; convert the checkpoint again with tools/convert.py")
+        try:
+            cfg = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        except (ConfigError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path / CONFIG_FILE} is not a DIMBA config: {e}") from None
+        from safetensors import safe_open
+        with safe_open(str(path / MODEL_FILE), "pt") as f:
+            step = int((f.metadata() or {}).get("step", 0))
+        state = load_file(str(path / MODEL_FILE))
+        tok_path, source, run_dir = path / TOKENIZER_FILE, str(path / MODEL_FILE), None
+    else:
+        ckpt = resolve_checkpoint(path)
+        cfg, step = checkpoint_config(ckpt)
+        state = checkpoint_weights(ckpt, weights)
+        tok_path, source, run_dir = find_tokenizer(ckpt, cfg), str(ckpt), _run_dir_of(ckpt)
+    _check_architecture(cfg, state, source)
+    try:
+        tokenizer = Tokenizer(tok_path)
+    except DataError as e:
+        raise ModelLoadError(str(e)) from None
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ModelLoadError(f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model was trained with "
+                             f"model.vocab_size={cfg.model.vocab_size}; use the tokenizer the model was trained with")
+    model = build_model(cfg.model)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.to(device).eval()
+    return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, step=step, run_dir=run_dir)
