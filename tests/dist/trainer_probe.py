@@ -69,6 +69,16 @@ def gathered_params(trainer) -> dict:
     return out
 
 
+def probe_inputs(cfg):
+    """A fixed input on which the tests compare the engine's model with the converted one."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(2, SEQ, cfg.model.d_embed, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    clean = torch.zeros(2, SEQ, dtype=torch.bool)
+    clean[0, :5] = True
+    return x, t, clean
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", type=int, default=2)
@@ -76,6 +86,7 @@ def main():
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--ema-check", action="store_true")
+    ap.add_argument("--save", action="store_true", help="save a checkpoint at the end and dump the engine's logits")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=None)
@@ -123,6 +134,18 @@ def main():
         inside = gathered_params(trainer)
         trainer.ema.swap_out()
         report["swap_in_max_abs_diff"] = max((inside[n] - ema[n]).abs().max().item() for n in ema)
+    if args.save:
+        import shutil
+        trainer.save()
+        if info.rank == 0:
+            shutil.copyfile(ROOT / "data_prep" / "tokenizer" / "tokenizer.model", Path(args.run_dir) / "tokenizer.model")
+        x, t, clean = probe_inputs(cfg)
+        with torch.no_grad():
+            x0_hat = trainer.model(x, t, clean)
+            logits = trainer.model.logits(x0_hat)
+        if info.rank == 0:
+            from safetensors.torch import save_file
+            save_file({"x0_hat": x0_hat, "logits": logits}, str(Path(args.run_dir) / "engine_outputs.safetensors"))
     if info.rank == 0:
         Path(args.out).write_text(json.dumps(report))
 
