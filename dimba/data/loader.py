@@ -1,0 +1,169 @@
+"""TokenLoader: packed, shuffled token batches for one rank, resumable exactly.
+
+    loader = TokenLoader(cfg.data, split="train", batch_size=8, rank=rank, world_size=world)
+    loader.load_state_dict(checkpoint["data"])        # optional: continue after the saved batch
+    for batch in loader:                               # train: endless (epochs roll over inside)
+        batch["tokens"]   # LongTensor (batch_size, seq_len)
+        batch["clean"]    # BoolTensor (batch_size, seq_len), True = clean (given) position
+        checkpoint["data"] = loader.state_dict()       # position after this batch
+
+How (details in plan.py and stream.py): each rank has W = max(1, data.num_workers)
+DataLoader workers; each worker is a "slot" that owns a fixed token range of every
+epoch and yields whole batches; the DataLoader takes them round robin (worker 0,
+1, ..., W-1, 0, ...), so batch i of a rank comes from logical worker i % W. The
+rank's position is therefore ONE number, the batches it has yielded; a resumed
+loader rotates the workers so that the first one it polls is the one that was due,
+and each worker starts at its own next batch. Every slot yields the same number of
+batches per epoch, so all ranks yield the same number (no rank waits on another:
+webdataset#188/#225), whatever the shard sizes.
+
+Resuming is exact when world_size, data.num_workers (0 and 1 are the same), batch
+size, seq_len, seed, shuffle_buffer and the shards are unchanged (load_state_dict
+refuses otherwise). It does not re-read the epoch: each worker re-reads the one
+shuffle block (data.shuffle_buffer sequences) its next batch lies in, and the shards
+under it; benchmarks/bench_data.py measures the time to the first batch.
+
+split="val" is a finite pass (one epoch, file order, no shuffling) that yields the
+same batches every time it is iterated.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dimba.config.schema import DataConfig
+from dimba.data.errors import DataError
+from dimba.data.plan import EpochPlan, slot_start_batches
+from dimba.data.shards import read_manifest
+from dimba.data.stream import slot_batches
+from dimba.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+PREFETCH_BATCHES = 4               # per worker
+
+
+def load_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """data.tokenizer, or the copy saved beside the shards; checked against the shards' vocabulary."""
+    manifest = read_manifest(cfg.shards)
+    tok = Tokenizer(cfg.tokenizer or manifest.tokenizer_path)
+    if tok.vocab_size != manifest.vocab_size:
+        raise DataError(f"data.tokenizer {tok.path} has {tok.vocab_size} pieces but the shards in {cfg.shards} were "
+                        f"made with a {manifest.vocab_size}-piece tokenizer; use {manifest.tokenizer_path}")
+    return tok
+
+
+class _RankStream(IterableDataset):
+    """The batches of one rank from its `start`-th on; in a DataLoader, one slot per worker."""
+
+    def __init__(self, directory: Path, plan: EpochPlan, cfg: DataConfig, rank: int, start: int, finite: bool):
+        self.directory, self.plan, self.cfg, self.rank, self.start, self.finite = \
+            directory, plan, cfg, rank, start, finite
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        W = self.plan.workers
+        logical = (physical + self.start) % W          # the DataLoader polls physical worker 0 first
+        yield from slot_batches(self.directory, self.plan, self.cfg.clean, self.cfg.on_corrupt,
+                                slot=self.rank * W + logical, start=slot_start_batches(self.start, W, logical),
+                                finite=self.finite)
+
+
+class TokenLoader:
+    def __init__(self, cfg: DataConfig, split: str = "train", batch_size: int = 8, rank: int = 0,
+                 world_size: int = 1):
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', got {split!r}")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size {batch_size}, "
+                            f"rank {rank}, world_size {world_size}")
+        cfg.validate()
+        cfg.clean.validate()
+        self.cfg, self.split, self.batch_size, self.rank, self.world_size = cfg, split, batch_size, rank, world_size
+        self.manifest = read_manifest(cfg.shards)
+        shards = self.manifest.split(split)
+        if not shards:
+            raise DataError(f"no {split} shards in {cfg.shards} (the manifest lists none); "
+                            + ("re-shard with a --val-fraction above 0" if split == "val" else "re-shard"))
+        self.workers = max(1, cfg.num_workers)
+        self.plan = EpochPlan(tuple(shards), split, cfg.seq_len, batch_size, world_size, self.workers, cfg.seed,
+                              cfg.shuffle_buffer, shuffle=(split == "train"))
+        self._batches = 0
+        self._corrupt: set[str] = set()
+
+    # -- sizes ------------------------------------------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (the same on every rank)."""
+        return self.plan.batches_per_slot * self.workers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.manifest.eos_id
+
+    # -- iteration --------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        finite = self.split == "val"
+        if finite:
+            self._batches = 0
+        stream = _RankStream(Path(self.cfg.shards), self.plan, self.cfg, self.rank, self._batches, finite)
+        if self.cfg.num_workers > 0:
+            stream = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                prefetch_factor=PREFETCH_BATCHES, persistent_workers=False)
+        it = iter(stream)
+        try:
+            for batch in it:
+                for message in batch.pop("corrupt_shards"):
+                    name = message.split(":", 1)[0]
+                    if name not in self._corrupt:
+                        self._corrupt.add(name)
+                        log.warning("skipping corrupt %s shard %s (its part of the epoch is read from the next "
+                                    "readable shard)", self.split, message)
+                self._batches += 1
+                yield batch
+        finally:
+            # Stop the workers now: left to the garbage collector (after an error or a `break`), torch's
+            # iterator shuts them down late and then waits 5 s per worker.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    # -- position ---------------------------------------------------------------------------------------------
+    @property
+    def counters(self) -> dict:
+        k = self._batches
+        return {"batches": k, "samples": k * self.batch_size, "tokens": k * self.batch_size * self.cfg.seq_len,
+                "epoch": k // self.batches_per_epoch, "batch_in_epoch": k % self.batches_per_epoch,
+                "corrupt_shards_skipped": len(self._corrupt)}
+
+    def _layout(self) -> dict:
+        return {"split": self.split, "world_size": self.world_size, "workers": self.workers,
+                "batch_size": self.batch_size, "seq_len": self.cfg.seq_len, "seed": self.cfg.seed,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "shards": self.manifest.digest(self.split)}
+
+    def state_dict(self) -> dict:
+        """Small and JSON-serialisable: the position after the last batch yielded (same on every rank)."""
+        k = self._batches
+        return {"version": STATE_VERSION, "batches": k, "epoch": k // self.batches_per_epoch,
+                "batch_in_epoch": k % self.batches_per_epoch, "rank": self.rank, **self._layout(),
+                "corrupt_shards": sorted(self._corrupt)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the batch the state was taken at (call before iterating)."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "batches" not in state:
+            raise DataError(f"not a TokenLoader state (version {STATE_VERSION}): {str(state)[:120]}")
+        for key, now in self._layout().items():
+            if state.get(key) != now:
+                raise DataError(f"cannot resume the {self.split} loader exactly: {key} was {state.get(key)!r} when "
+                                f"the state was saved and is {now!r} now; resume with the same world size, "
+                                "data.num_workers, batch size, data.seq_len, data.seed, data.shuffle_buffer and shards")
+        self._batches = int(state["batches"])
+        self._corrupt = set(state.get("corrupt_shards", []))
