@@ -182,9 +182,12 @@ class Trainer:
             self.ema.swap_in()
         self.model.eval()
         sums, n = {}, 0
+        # every rank must run the same number of forwards (ZeRO-3 gathers are collective): the fewest any rank has
+        limit = min(self.cfg.evaluation.val_batches, getattr(self.val_loader, "batches_per_epoch", 10 ** 9))
+        limit = int(-all_reduce_max([-float(limit)], self.info.device)[0])
         try:
             for i, batch in enumerate(self.val_loader):
-                if i >= self.cfg.evaluation.val_batches:
+                if i >= limit:
                     break
                 b = batch["tokens"].shape[0]
                 _, terms = self.loss(batch, self.cfg.training.seed + VAL_SEED_OFFSET,
@@ -197,7 +200,6 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap_out()
         keys = ["loss", "mse", "ce", "acc"]
-        # every rank must join the same collectives: ranks with fewer val batches contribute what they have
         count = all_reduce_mean([float(n)], self.info.device)[0]
         vals = all_reduce_mean([sums.get(k, 0.0) for k in keys], self.info.device)
         return {k: v / max(count, 1e-9) for k, v in zip(keys, vals)}

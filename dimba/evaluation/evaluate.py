@@ -1,0 +1,161 @@
+"""Offline evaluation of one model: likelihood, generation quality per step count, prompted continuation, speed.
+
+    report = evaluate(loaded, "data/shards", EvalOptions(), judge=loaded_judge, device="cuda")
+
+`loaded` and `judge` are `LoadedModel`s (`dimba.training.export.load_model_dir`). What is measured, in order:
+  likelihood      DIMBA: the ELBO upper bound on NLL per token (likelihood.py); AR twin: its exact NLL
+  denoising_by_t  DIMBA only: the training objective's terms per t bucket (denoising.py)
+  reference       text statistics (and gen PPL under the judge) of held-out text of the sample length
+  generation      per step count: unconditional samples -> diversity/repetition (textstats.py), gen PPL (judge.py)
+  prompted        per step count: held-out prompts continued, BLEU/ROUGE against the truth (prompted.py)
+  speed           per step count: latency and tokens/s of one batch (speed.py)
+The AR twin has no step count: it decodes one token per step, so its rows carry steps = sample length.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+
+from dimba.config.schema import SamplingConfig
+from dimba.diffusion.schedule import NoiseSchedule
+from dimba.evaluation.denoising import loss_by_t
+from dimba.evaluation.errors import EvalError
+from dimba.evaluation.judge import check_judge, generative_perplexity
+from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound
+from dimba.evaluation.prompted import continue_prompts
+from dimba.evaluation.speed import time_generation
+from dimba.evaluation.textgen import Request, generate
+from dimba.evaluation.textstats import text_stats
+from dimba.evaluation.valdata import as_batches, val_sequences
+from dimba.model.build import count_parameters
+
+
+@dataclass
+class EvalOptions:
+    batches: int = 8                  # val batches for the likelihood and the per-t losses
+    batch_size: int = 8
+    seq_len: int = 0                  # 0: the model's data.seq_len (also the sample length)
+    t_samples: int = 32               # stratified log-SNR draws per sequence for the ELBO's diffusion term
+    t_buckets: int = 10
+    steps: list[int] = field(default_factory=lambda: [16, 64, 256])
+    samples: int = 32                 # unconditional samples per step count
+    prompts: int = 16
+    prompt_len: int = 0               # 0: half the sequence
+    gen_batch: int = 16
+    speed_batch: int = 0              # 0: gen_batch
+    speed_repeats: int = 3
+    examples: int = 3                 # decoded texts kept in the report per step count
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("batches", "batch_size", "t_samples", "t_buckets", "samples", "prompts", "gen_batch",
+                     "speed_repeats"):
+            if getattr(self, name) < 1:
+                raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.steps or any(s < 1 for s in self.steps):
+            raise EvalError(f"--steps must be positive integers, got {self.steps}")
+        if self.seq_len < 0 or self.prompt_len < 0 or self.speed_batch < 0 or self.examples < 0:
+            raise EvalError("--seq-len, --prompt-len, --speed-batch and --examples must be >= 0")
+
+
+def _model_info(loaded, path: str) -> dict:
+    m = loaded.cfg.model
+    return {"path": path, "kind": m.kind, "step": loaded.step, "parameters": count_parameters(loaded.model),
+            "d_model": m.d_model, "n_layers": m.n_layers, "vocab_size": m.vocab_size,
+            "trained_seq_len": loaded.cfg.data.seq_len, "trained_on": loaded.cfg.data.shards,
+            "tokenizer_sha256": loaded.tokenizer.sha256}
+
+
+def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.device | str = "cpu",
+             sampling: Optional[SamplingConfig] = None, model_path: str = "", judge_path: str = "",
+             log: Callable[[str], None] = lambda msg: None) -> dict:
+    """The full report (a JSON-ready dict; see the module doc for its sections)."""
+    opts.validate()
+    cfg, model, tok = loaded.cfg, loaded.model, loaded.tokenizer
+    kind = cfg.model.kind
+    sampling = sampling or cfg.sampling
+    seq_len = opts.seq_len or cfg.data.seq_len
+    prompt_len = opts.prompt_len or seq_len // 2
+    if not 1 <= prompt_len < seq_len:
+        raise EvalError(f"--prompt-len must be in [1, {seq_len - 1}] for {seq_len}-token sequences, got {prompt_len}")
+    if kind == "dimba":
+        bad = [s for s in opts.steps if s > cfg.diffusion.num_steps]
+        if bad:
+            raise EvalError(f"--steps {bad} exceed the model's diffusion.num_steps ({cfg.diffusion.num_steps})")
+    warnings = check_judge(judge, loaded) if judge is not None else []
+    for w in warnings:
+        log(f"warning: {w}")
+    timings: dict[str, float] = {}
+
+    def timed(name: str):
+        timings[name] = time.perf_counter()
+        log(f"{name} ...")
+
+    def done(name: str):
+        timings[name] = time.perf_counter() - timings[name]
+
+    n_lik = opts.batches * opts.batch_size
+    seqs = val_sequences(shards, tok, seq_len, max(n_lik, opts.prompts, opts.samples))
+    batches = as_batches(seqs[:n_lik], opts.batch_size)
+    report: dict = {"model": _model_info(loaded, model_path), "judge": None, "warnings": warnings,
+                    "data": {"shards": str(shards), "split": "val", "seq_len": seq_len,
+                             "sequences_available": len(seqs), "likelihood_sequences": min(n_lik, len(seqs))},
+                    "settings": {**asdict(opts), "seq_len": seq_len, "prompt_len": prompt_len,
+                                 "sampling": asdict(sampling), "device": str(device)}}
+    if judge is not None:
+        report["judge"] = {**_model_info(judge, judge_path),
+                           "same_tokenizer": judge.tokenizer.sha256 == tok.sha256}
+
+    timed("likelihood")
+    if kind == "dimba":
+        schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
+        report["likelihood"] = elbo_bound(model, schedule, batches, cfg.model.pad_id, cfg.diffusion.t_min,
+                                          opts.t_samples, opts.seed, device)
+        done("likelihood")
+        timed("denoising_by_t")
+        report["denoising_by_t"] = loss_by_t(model, schedule, cfg.diffusion, batches, cfg.model.pad_id,
+                                             opts.t_buckets, opts.seed, device)
+        done("denoising_by_t")
+        step_counts = sorted(set(opts.steps))
+    else:
+        report["likelihood"] = ar_exact_nll(model, batches, cfg.model.pad_id, device)
+        done("likelihood")
+        step_counts = [seq_len]
+    lik = report["likelihood"]
+    log(f"likelihood: {lik['nll_nats_per_token']:.4f} nats/token ({lik['kind']})")
+
+    reference = [s.tolist() for s in seqs[:opts.samples]]
+    report["reference"] = {"sequences": len(reference), "length": seq_len, **text_stats(reference)}
+    if judge is not None:
+        report["reference"].update(generative_perplexity(judge, tok, reference, opts.gen_batch, device) or {})
+
+    report["generation"], report["prompted"], report["speed"] = [], [], []
+    for steps in step_counts:
+        samp = replace(sampling, steps=steps) if kind == "dimba" else sampling
+        label = {"steps": steps, "sampler": samp.sampler if kind == "dimba" else "ar-recurrent"}
+        timed(f"generation@{steps}")
+        requests = [Request(prefix=[], middle_length=seq_len) for _ in range(opts.samples)]
+        results, _ = generate(model, cfg, requests, samp, seed=opts.seed, batch_size=opts.gen_batch, device=device)
+        tokens = [r.middle for r in results]
+        row = {**label, "samples": len(tokens), "length": seq_len, **text_stats(tokens)}
+        if judge is not None:
+            row.update(generative_perplexity(judge, tok, tokens, opts.gen_batch, device) or {})
+        row["examples"] = [tok.decode(t) for t in tokens[:opts.examples]]
+        report["generation"].append(row)
+        done(f"generation@{steps}")
+        timed(f"prompted@{steps}")
+        report["prompted"].append({**label, **continue_prompts(model, cfg, tok, seqs[:opts.prompts], prompt_len, samp,
+                                                               opts.seed + 1, opts.gen_batch, device, opts.examples)})
+        done(f"prompted@{steps}")
+        timed(f"speed@{steps}")
+        report["speed"].append({**label, **time_generation(model, cfg, samp, opts.speed_batch or opts.gen_batch,
+                                                           seq_len, opts.speed_repeats, opts.seed, device)})
+        done(f"speed@{steps}")
+        log(f"steps {steps}: entropy {row['unigram_entropy_bits']:.2f} bits, rep {row['repetition_rate']:.3f}"
+            + (f", gen PPL {row['gen_ppl']:.1f}" if row.get("gen_ppl") is not None else "")
+            + f", BLEU {report['prompted'][-1]['bleu']:.2f}, {report['speed'][-1]['tokens_per_s']:.0f} tok/s")
+    report["timings_s"] = timings
+    return report

@@ -1,0 +1,41 @@
+"""Generation speed: wall-clock latency of one batch of unconditional samples, and tokens per second.
+
+One untimed warm-up batch (allocator, kernel selection), then `repeats` timed batches; the median is reported
+(the minimum too). On a GPU the device is synchronised before and after each batch so the time covers the work,
+not just its launch. Everything `textgen.generate` does is inside the timing: for DIMBA, `steps` denoiser calls
+(one per step: self-conditioning reuses the previous step's estimate) plus the final token pick; for the AR
+twin, one recurrent step per token.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from dimba.config.schema import SamplingConfig
+from dimba.evaluation.textgen import Request, generate
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, length: int, repeats: int = 3,
+                    seed: int = 0, device: torch.device | str = "cpu") -> dict:
+    """latency_s (median of `repeats`), latency_min_s, tokens_per_s = batch_size * length / latency_s."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    requests = [Request(prefix=[], middle_length=length) for _ in range(batch_size)]
+    generate(model, cfg, requests, sampling, seed=seed, batch_size=batch_size, device=device)   # warm-up
+    times = []
+    for r in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        generate(model, cfg, requests, sampling, seed=seed + 1 + r, batch_size=batch_size, device=device)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    latency = statistics.median(times)
+    return {"batch": batch_size, "length": length, "repeats": repeats, "latency_s": latency,
+            "latency_min_s": min(times), "tokens_per_s": batch_size * length / latency, "device": str(device)}

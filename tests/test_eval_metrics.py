@@ -1,0 +1,249 @@
+"""The evaluation pieces on their own: text statistics, BLEU/ROUGE, the ELBO estimator against a case with a known
+answer, per-t losses, the AR exact NLL, the judge, and the report writers (no trained model needed)."""
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dimba.config.schema import Config, DiffusionConfig, ModelConfig
+from dimba.data.tokenizer import PAD_ID, Tokenizer, train_tokenizer
+from dimba.diffusion.schedule import NoiseSchedule
+from dimba.evaluation.denoising import loss_by_t
+from dimba.evaluation.errors import EvalError
+from dimba.evaluation.judge import check_judge, generative_perplexity, judge_tokens
+from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, log_snr, t_of_log_snr
+from dimba.evaluation.prompted import bleu, rouge
+from dimba.evaluation.report import plot, scalars, write_json, write_tensorboard
+from dimba.evaluation.textstats import text_stats
+from dimba.model.build import build_model
+from dimba.model.dimba import TokenEmbedding
+from dimba.training.export import LoadedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
+SMALL = dict(d_model=32, n_layers=1, d_embed=8, d_state=16, headdim=16, chunk_size=16, vocab_size=4096)
+
+
+# ---- text statistics ---------------------------------------------------------------------------------------
+def test_text_stats_on_hand_counted_sequences():
+    s = text_stats([[5, 5, 5, 5]])
+    assert s["unigram_entropy_bits"] == 0.0 and s["distinct_1"] == 0.25 and s["rep_adjacent"] == 1.0
+    assert s["distinct_2"] == pytest.approx(1 / 3) and s["repetition_rate"] == 0.0   # one 4-gram: nothing repeats
+    s = text_stats([[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert s["unigram_entropy_bits"] == pytest.approx(2.0)
+    assert s["distinct_4"] == 0.5 and s["repetition_rate"] == 0.0 and s["rep_adjacent"] == 0.0
+    s = text_stats([[1, 2, 3, 4, 1, 2, 3, 4]])        # 5 four-grams, 4 distinct: seq-rep-4 = 1 - 4/5
+    assert s["repetition_rate"] == pytest.approx(0.2)
+    assert text_stats([[]])["distinct_1"] == 0.0
+
+
+def test_bleu_and_rouge_wrappers():
+    assert bleu(["the cat sat on the mat today"], ["the cat sat on the mat today"]) == pytest.approx(100.0)
+    assert bleu(["alpha beta gamma delta"], ["one two three four"]) == 0.0
+    r = rouge(["the cat sat"], ["the cat"])
+    assert r["rouge1_f"] == pytest.approx(0.8) and r["rouge2_f"] == pytest.approx(2 / 3)
+    assert rouge(["x y"], ["x y"])["rougeL_f"] == pytest.approx(1.0)
+
+
+# ---- the ELBO ----------------------------------------------------------------------------------------------
+class BayesDenoiser(torch.nn.Module):
+    """The exact posterior mean E[x0 | z_t] for i.i.d. tokens uniform over 1..V-1 (the MMSE denoiser), so the
+    continuous-time bound's expectation equals the true entropy log(V - 1) per token (I-MMSE relation).
+    `prior_temp` != 1 makes it a wrong (too sharp or too flat) posterior: the bound must then be looser."""
+
+    def __init__(self, schedule: NoiseSchedule, vocab: int, d: int, prior_temp: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.schedule, self.temp = schedule, prior_temp
+        self.cfg = SimpleNamespace(d_embed=d)
+        self.self_condition = False
+        self.te = TokenEmbedding(vocab, d, PAD_ID)
+
+    def embed(self, tokens):
+        return self.te(tokens=tokens).float()
+
+    def logits(self, x):
+        out = 50.0 * (x @ self.te.table().t())          # a sharp decoder: near-exact reconstruction at high SNR
+        out[..., PAD_ID] = -1e9
+        return out
+
+    def forward(self, x_t, t, clean, self_cond=None):
+        ab = self.schedule.alpha_bar(t.double()).view(-1, 1, 1)
+        table = self.te.table()[1:].double()
+        post = (ab.sqrt() * x_t.double() @ table.t()) / (1 - ab) * self.temp
+        return (post.softmax(-1) @ table).float()
+
+
+def uniform_batches(vocab: int, n: int = 2, b: int = 16, length: int = 64) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [{"tokens": torch.randint(1, vocab, (b, length), generator=g), "clean": torch.zeros(b, length, dtype=torch.bool)}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind,zero_terminal", [("cosine", True), ("linear", False)])
+def test_elbo_of_the_exact_denoiser_equals_the_true_entropy(kind, zero_terminal):
+    vocab, d = 9, 16
+    schedule = NoiseSchedule(kind, zero_terminal, 1000)
+    r = elbo_bound(BayesDenoiser(schedule, vocab, d), schedule, uniform_batches(vocab), PAD_ID, t_min=1e-3, t_samples=32)
+    truth = math.log(vocab - 1)
+    top = r["at_train_t_min"]
+    assert top["reconstruction"] < 1e-3                       # at SNR ~ 1e4 the token is certain
+    assert abs(top["nll_nats_per_token"] - truth) < 4 * top["stderr_nats"] + 0.02, (top, truth)
+    assert abs(r["nll_nats_per_token"] - truth) < 4 * r["stderr_nats"] + 0.02
+    if zero_terminal:
+        assert r["prior"] == 0.0 and r["tail_samples"] == 1
+    else:                                                     # exact KL of N(sqrt(ab1) x0, 1 - ab1) to N(0, I)
+        ab1 = float(schedule.alpha_bar(torch.tensor(1.0, dtype=torch.float64)))
+        assert r["prior"] == pytest.approx(-0.5 * d * math.log1p(-ab1), rel=1e-4)
+    assert r["t_samples"] == 32 and r["self_conditioning"] is False
+    assert r["ppl_bound"] == pytest.approx(math.exp(r["nll_nats_per_token"]))
+
+
+def test_elbo_of_a_wrong_denoiser_is_a_looser_bound():
+    vocab, d = 9, 16
+    schedule = NoiseSchedule("cosine", True, 1000)
+    wrong = elbo_bound(BayesDenoiser(schedule, vocab, d, prior_temp=0.3), schedule, uniform_batches(vocab), PAD_ID,
+                       t_min=1e-3, t_samples=32)
+    assert wrong["at_train_t_min"]["nll_nats_per_token"] > math.log(vocab - 1) + 0.3
+
+
+def test_log_snr_inverse():
+    for schedule in (NoiseSchedule("cosine", True), NoiseSchedule("linear", False)):
+        lam = torch.linspace(-9, 9, 37, dtype=torch.float64)
+        t = t_of_log_snr(schedule, lam)
+        assert torch.allclose(schedule.snr(t).log(), lam, atol=1e-9)
+    assert float(t_of_log_snr(NoiseSchedule("cosine", True), torch.tensor(-math.inf))) == pytest.approx(1.0)
+
+
+def test_elbo_on_a_fresh_dimba_model_is_finite_and_seeded():
+    cfg = Config(model=ModelConfig(**SMALL))
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    schedule = NoiseSchedule("cosine", True, 1000)
+    g = torch.Generator().manual_seed(3)
+    batches = [{"tokens": torch.randint(4, 4096, (4, 32), generator=g), "clean": torch.zeros(4, 32, dtype=torch.bool)}]
+    batches[0]["clean"][:, :8] = True                         # clean positions are not scored
+    a = elbo_bound(model, schedule, batches, PAD_ID, 1e-3, t_samples=3, seed=0)
+    b = elbo_bound(model, schedule, batches, PAD_ID, 1e-3, t_samples=3, seed=0)
+    c = elbo_bound(model, schedule, batches, PAD_ID, 1e-3, t_samples=3, seed=1)
+    assert a == b and a["nll_nats_per_token"] != c["nll_nats_per_token"]
+    assert a["self_conditioning"] is True and a["tokens"] == 2 * 24
+    diffs = [row["diffusion"] for row in a["by_t0"]]          # the integral over a longer range is never smaller
+    assert diffs == sorted(diffs, reverse=True)
+    assert all(math.isfinite(row["nll_nats_per_token"]) for row in a["by_t0"])
+    lams = [row["log_snr_t0"] for row in a["by_t0"]]
+    assert lams[0] == pytest.approx(log_snr(schedule, 1e-3)) and lams[-1] == -6.0
+
+
+def test_loss_by_t_follows_the_noise_level():
+    vocab, d = 9, 16
+    schedule = NoiseSchedule("cosine", True, 1000)
+    model = BayesDenoiser(schedule, vocab, d)
+    rows = loss_by_t(model, schedule, DiffusionConfig(), uniform_batches(vocab, n=1), PAD_ID, buckets=5)
+    assert [r["t_lo"] for r in rows][0] == pytest.approx(1e-3) and rows[-1]["t_hi"] == pytest.approx(1.0)
+    assert rows[0]["acc"] == 1.0 and rows[0]["mse"] < 1e-3    # t in [0.001, 0.2]: the token is certain
+    assert rows[-1]["acc"] < 0.3                              # t near 1: close to chance (1/8)
+    mses = [r["mse"] for r in rows]
+    assert mses == sorted(mses)
+
+
+# ---- AR exact NLL and the judge ----------------------------------------------------------------------------
+def flat_ar(vocab: int = 4096) -> torch.nn.Module:
+    """An AR model whose logits are all zero (final norm weight 0): every next token has probability 1/V."""
+    model = build_model(ModelConfig(kind="ar", bidirectional=False, **{**SMALL, "vocab_size": vocab})).eval()
+    with torch.no_grad():
+        model.norm_f.weight.zero_()
+    return model
+
+
+def test_ar_exact_nll_of_a_uniform_model_is_log_v():
+    batches = [{"tokens": torch.randint(4, 4096, (3, 20)), "clean": torch.zeros(3, 20, dtype=torch.bool)}]
+    r = ar_exact_nll(flat_ar(), batches, PAD_ID)
+    assert r["kind"] == "exact" and r["tokens"] == 3 * 19
+    assert r["nll_nats_per_token"] == pytest.approx(math.log(4096), rel=1e-6)
+    assert r["ppl"] == pytest.approx(4096, rel=1e-5)
+
+
+def loaded(model, tokenizer, kind="ar", shards="data/a") -> LoadedModel:
+    cfg = Config(model=model.cfg)
+    cfg.data.shards = shards
+    return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, step=0, run_dir=None)
+
+
+def test_gen_ppl_of_a_uniform_judge_is_the_vocabulary_size():
+    tok = Tokenizer(TOKENIZER)
+    judge = loaded(flat_ar(), tok)
+    seqs = [tok.encode("It was a dark night."), [PAD_ID] + tok.encode("and a quiet one") + [PAD_ID]]
+    assert judge_tokens(tok, tok, seqs)[1] == tok.encode("and a quiet one")      # padding has no text: dropped
+    r = generative_perplexity(judge, tok, seqs)
+    assert r["gen_ppl"] == pytest.approx(4096, rel=1e-5)
+    assert r["judge_tokens"] == len(seqs[0]) + len(seqs[1]) - 2
+    assert generative_perplexity(judge, tok, [[PAD_ID]]) is None
+
+
+def test_judge_with_another_tokenizer_scores_re_encoded_text(tmp_path):
+    train_tokenizer([ROOT / "data_prep" / "corpus" / "blake-poems.txt"], 512, tmp_path / "tok")
+    other = Tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok = Tokenizer(TOKENIZER)
+    text = "Tyger Tyger, burning bright"
+    assert judge_tokens(other, tok, [tok.encode(text)]) == [other.encode(text)]
+    r = generative_perplexity(loaded(flat_ar(512), other), tok, [tok.encode(text)])
+    assert r["judge_tokens"] == len(other.encode(text)) and r["gen_ppl"] == pytest.approx(512, rel=1e-5)
+
+
+def test_check_judge_refuses_a_diffusion_model_and_the_model_itself():
+    tok = Tokenizer(TOKENIZER)
+    ar = loaded(flat_ar(), tok)
+    dimba = loaded(build_model(ModelConfig(**SMALL)).eval(), tok)
+    with pytest.raises(EvalError, match="must be an autoregressive model"):
+        check_judge(dimba, ar)
+    twin = loaded(flat_ar(), tok)
+    twin.model.load_state_dict(ar.model.state_dict())
+    with pytest.raises(EvalError, match="evaluated model itself"):
+        check_judge(twin, ar)
+    other = loaded(flat_ar(), tok, shards="data/b")                    # fresh random weights: another model
+    assert check_judge(other, ar) == []
+    assert "same shards" in check_judge(loaded(flat_ar(), tok), ar)[0]
+
+
+# ---- report writers ----------------------------------------------------------------------------------------
+def small_report() -> dict:
+    gen = [{"steps": s, "gen_ppl": 100.0 / s, "unigram_entropy_bits": 7.0 + s / 10, "distinct_2": 0.9,
+            "repetition_rate": 0.01, "examples": ["a text"]} for s in (2, 8)]
+    return {"model": {"kind": "dimba", "step": 30},
+            "likelihood": {"kind": "elbo_upper_bound", "nll_nats_per_token": 5.0, "bits_per_token": 7.2,
+                           "ppl_bound": math.exp(5.0)},
+            "denoising_by_t": [{"t_lo": 0.001, "t_hi": 0.5, "loss": 1.5}, {"t_lo": 0.5, "t_hi": 1.0, "loss": 6.0}],
+            "reference": {"gen_ppl": 40.0, "unigram_entropy_bits": 8.0},
+            "generation": gen,
+            "prompted": [{"steps": s, "bleu": 1.0 * s, "rougeL_f": 0.05 * s} for s in (2, 8)],
+            "speed": [{"steps": s, "tokens_per_s": 1000.0 / s, "latency_s": 0.01 * s, "device": "cpu"} for s in (2, 8)]}
+
+
+def test_write_json_replaces_non_finite_numbers(tmp_path):
+    report = small_report()
+    report["likelihood"]["ppl_bound"] = float("inf")
+    report["speed"][0]["latency_s"] = float("nan")
+    data = json.loads(write_json(report, tmp_path / "r.json").read_text())
+    assert data["likelihood"]["ppl_bound"] is None
+    assert data["non_finite"] == ["likelihood.ppl_bound", "speed[0].latency_s"]
+
+
+def test_plot_and_tensorboard_scalars(tmp_path):
+    report = small_report()
+    png = plot(report, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    flat = scalars(report)
+    assert flat["eval/steps8/gen_ppl"] == 12.5 and flat["eval/denoise/loss_t0.50-1.00"] == 6.0
+    assert flat["eval/ppl"] == pytest.approx(math.exp(5.0))
+    write_tensorboard(report, tmp_path, step=30)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert set(flat) <= set(tags)
+    ev = acc.Scalars("eval/steps2/bleu")
+    assert [(e.step, e.value) for e in ev] == [(30, 2.0)]

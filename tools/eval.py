@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Evaluate a DIMBA model (or its autoregressive twin) offline and write a JSON report and a plot.
+
+    python tools/eval.py --model runs/tiny --data data/shards
+    python tools/eval.py --model exports/1b --data data/shards --judge exports/ar-judge \\
+        --run-dir runs/1b --steps 16,64,256 --output eval/1b.json
+
+--model accepts a converted folder (model.safetensors + config.json + tokenizer.model, from tools/convert.py),
+a training run directory (its newest complete checkpoint, EMA weights) or one checkpoint folder inside it.
+--data is a shard directory from data_prep/shard.py made with the model's tokenizer; its val split is used.
+
+What the report holds (details in dimba/evaluation/*.py):
+  likelihood       DIMBA: an upper bound on NLL per token from the continuous-time diffusion ELBO (Kingma et al.
+                   2021), --t-samples stratified log-SNR draws per sequence, self-conditioning on, t0 chosen on
+                   half the sequences and the bound reported on the other half; also the bound at t0 = t_min.
+                   AR twin (model.kind "ar"): exact NLL = mean next-token cross-entropy. Both as nats, bits, PPL.
+  denoising_by_t   DIMBA: the training loss (mse, ce, acc) in --t-buckets buckets of t
+  generation       per --steps value: --samples unconditional samples; unigram entropy, distinct-1..4,
+                   repetition rate (seq-rep-4), and gen PPL under --judge
+  prompted         per --steps value: --prompts held-out prefixes continued; BLEU (sacrebleu) and ROUGE
+                   (rouge-score) against the true continuation
+  speed            per --steps value: latency of one batch and tokens/s
+  reference        the same text statistics (and gen PPL) for held-out text, as a yardstick
+The AR twin decodes one token per step, so it has one row with steps = sample length.
+
+--judge PATH: an autoregressive DIMBA-stack model (any model folder/run with model.kind "ar", e.g. trained with
+--set model.kind=ar --set model.bidirectional=false on other data) that scores the samples; without it gen PPL
+is left out. --run-dir RUN_DIR: also write the headline numbers as tensorboard scalars eval/... into
+RUN_DIR/tb at the model's training step.
+
+Exit status: 0 done, 2 a bad input (the message says which and what to do).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,64,256, got {text!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from dimba.evaluation.evaluate import EvalOptions
+    d = EvalOptions()
+    p = argparse.ArgumentParser(prog="tools/eval.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder, run directory or checkpoint folder")
+    p.add_argument("--data", required=True, help="shard directory (data_prep/shard.py output); its val split is used")
+    p.add_argument("--output", default=None,
+                   help="report JSON (default: RUN_DIR_OF_MODEL/eval/step-NNNNNNNN.json, else MODEL/eval/...)")
+    p.add_argument("--plot", default=None, help="plot PNG (default: the report path with .png)")
+    p.add_argument("--run-dir", default=None, help="also write tensorboard scalars eval/... into RUN_DIR/tb")
+    p.add_argument("--judge", default=None, help="AR model (model.kind 'ar') for generative perplexity")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="for checkpoints: EMA or raw weights")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g = p.add_argument_group("how much to measure (defaults suit a GPU; shrink them on a CPU)")
+    g.add_argument("--batches", type=int, default=d.batches, help=f"val batches for the likelihood (default {d.batches})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per batch (default {d.batch_size})")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="sequence and sample length (default: the model's data.seq_len)")
+    g.add_argument("--t-samples", type=int, default=d.t_samples,
+                   help=f"ELBO: stratified log-SNR draws per sequence (default {d.t_samples})")
+    g.add_argument("--t-buckets", type=int, default=d.t_buckets, help=f"buckets of t for the denoising loss (default {d.t_buckets})")
+    g.add_argument("--steps", type=int_list, default=d.steps,
+                   help=f"sampling step counts, comma-separated (default {','.join(map(str, d.steps))}; DIMBA only)")
+    g.add_argument("--samples", type=int, default=d.samples, help=f"unconditional samples per step count (default {d.samples})")
+    g.add_argument("--prompts", type=int, default=d.prompts, help=f"held-out prompts per step count (default {d.prompts})")
+    g.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: half the sequence)")
+    g.add_argument("--gen-batch", type=int, default=d.gen_batch, help=f"generation batch size (default {d.gen_batch})")
+    g.add_argument("--speed-batch", type=int, default=d.speed_batch, help="batch size timed for speed (default: --gen-batch)")
+    g.add_argument("--speed-repeats", type=int, default=d.speed_repeats, help=f"timed batches, median reported (default {d.speed_repeats})")
+    g.add_argument("--examples", type=int, default=d.examples, help=f"decoded texts kept per step count (default {d.examples})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of all noise and sampling (default {d.seed})")
+    g.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the model's sampling config, e.g. --sampling top_p=0.9 --sampling sampler=ddpm")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from dimba.config.core import ConfigError, apply_overrides, from_dict, to_dict
+    from dimba.config.schema import SamplingConfig
+    from dimba.data.errors import DataError
+    from dimba.evaluation.errors import EvalError
+    from dimba.evaluation.evaluate import EvalOptions, evaluate
+    from dimba.evaluation.report import plot, write_json, write_tensorboard
+    from dimba.training.export import ModelLoadError, load_model_dir
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log = lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if args.run_dir is not None and not Path(args.run_dir).is_dir():
+            raise EvalError(f"--run-dir {args.run_dir} is not a directory; pass the training run directory")
+        if not (Path(args.data) / "manifest.json").is_file():
+            raise EvalError(f"--data {args.data} has no manifest.json; pass a shard directory made by data_prep/shard.py")
+        try:
+            loaded = load_model_dir(args.model, device=device, weights=args.weights)
+        except ModelLoadError as e:
+            raise EvalError(f"--model: {e}") from None
+        judge = None
+        if args.judge is not None:
+            try:
+                judge = load_model_dir(args.judge, device=device)
+            except ModelLoadError as e:
+                raise EvalError(f"--judge: {e}") from None
+        base = loaded.run_dir if loaded.run_dir is not None else Path(args.model)
+        output = Path(args.output) if args.output else base / "eval" / f"step-{loaded.step:08d}.json"
+        png = Path(args.plot) if args.plot else output.with_suffix(".png")
+        for flag, path in (("--output", output), ("--plot", png)):
+            if path.is_dir():
+                raise EvalError(f"{flag} {path} is a directory; pass a file name such as {path / 'report.json'}")
+        overrides = [f"sampling.{kv}" for kv in args.sampling]
+        sampling = from_dict(SamplingConfig, apply_overrides({"sampling": to_dict(loaded.cfg.sampling)},
+                                                             overrides)["sampling"], "sampling")
+        opts = EvalOptions(batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
+                           t_samples=args.t_samples, t_buckets=args.t_buckets, steps=args.steps,
+                           samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len,
+                           gen_batch=args.gen_batch, speed_batch=args.speed_batch, speed_repeats=args.speed_repeats,
+                           examples=args.examples, seed=args.seed)
+        log(f"{loaded.cfg.model.kind} model at step {loaded.step} on {device}")
+        report = evaluate(loaded, args.data, opts, judge=judge, device=device, sampling=sampling,
+                          model_path=str(args.model), judge_path=str(args.judge or ""), log=log)
+    except (EvalError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(report, output)
+    plot(report, png)
+    print(f"report: {output}\nplot: {png}")
+    if args.run_dir is not None:
+        print(f"tensorboard: {write_tensorboard(report, args.run_dir, loaded.step)} (step {loaded.step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
