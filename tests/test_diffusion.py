@@ -128,3 +128,32 @@ def test_loss_ignores_clean_and_padding_positions():
     tokens2[:, 9] = 0
     _, terms2 = diffusion_loss(model, sched, cfg.diffusion, tokens2, clean, draw, pad_id=0)
     assert terms2["loss"].item() == terms["loss"].item()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_zero_is_the_unconditional_sampler_and_keeps_clean_tokens(sampler):
+    torch.manual_seed(0)
+    model = build_model(tiny_config().model).eval()
+    with torch.no_grad():            # make the prompt matter: random conditioning weights
+        for name, p in model.named_parameters():
+            if "modulation" in name or "clean_embedding" in name or "prompt_encoder" in name:
+                p.normal_(0, 0.3)
+    sched = NoiseSchedule(num_steps=50)
+    tokens = torch.randint(4, 64, (3, 12))
+    clean = torch.zeros(3, 12, dtype=torch.bool)
+    clean[:, :4] = True
+    clean[1, 10:] = True
+
+    def run(guidance, with_clean=True):
+        scfg = config_from_dict({"diffusion": {"num_steps": 50}, "sampling": {
+            "steps": 8, "sampler": sampler, "eta": 0.3, "guidance": guidance, "precision": "float64"}}).sampling
+        if with_clean:
+            return sample(model, sched, scfg, 3, 12, tokens, clean, torch.Generator().manual_seed(3))
+        return sample(model, sched, scfg, 3, 12, generator=torch.Generator().manual_seed(3))
+
+    uncond, cond, s0, s2 = run(1.0, False), run(1.0), run(0.0), run(2.0)
+    assert torch.equal(s0[~clean], uncond[~clean])          # s = 0: the unconditional sample
+    assert not torch.equal(cond[~clean], uncond[~clean])    # the prompt matters
+    for out in (cond, s0, s2):
+        assert torch.equal(out[clean], tokens[clean])       # clean tokens come back exactly
+    assert not torch.equal(s2, cond)

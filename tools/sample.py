@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true", help="argmax at the last step")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale for prompted/infilling samples (1: none, >1: closer to the prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for run/checkpoint folders")
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         loaded = load_model_dir(args.model, args.device, args.weights)
         overrides = {k: v for k, v in {"steps": args.steps, "sampler": args.sampler, "eta": args.eta,
                                         "spacing": args.spacing, "temperature": args.temperature, "top_k": args.top_k,
-                                        "top_p": args.top_p}.items() if v is not None}
+                                        "top_p": args.top_p, "guidance": args.guidance}.items() if v is not None}
         if args.greedy:
             overrides["greedy"] = True
         sampling = from_dict(SamplingConfig, {**to_dict(loaded.cfg.sampling), **overrides}, "sampling")

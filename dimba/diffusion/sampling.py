@@ -6,7 +6,7 @@ Every step goes from t to s < t on the grid from `timestep_grid`:
            sigma   = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(1 - ab_t / ab_s)
            x_s     = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z
     DDPM:  x_s ~ q(x_s | x_t, x0_hat) = N(mean, var) with the Gaussian posterior of the forward process
-Clean positions are put back to their exact x0 after every step and their tokens are returned unchanged.
+Clean positions enter every model call as their exact x0 and their tokens are returned unchanged.
 The update arithmetic runs in `precision` (float32 or float64); the model runs in its own dtype. All randomness
 comes from one torch.Generator on the CPU, so a seed gives the same tokens bit for bit.
 """
@@ -52,7 +52,12 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
            generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu",
            on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """Generate (batch_size, length) tokens. `clean_tokens` (B, L) with `clean` (B, L) bool gives the positions
-    that are held fixed (a prompt prefix, an infilling frame, ...). `on_step(i, n)` is called after each step."""
+    that are held fixed (a prompt prefix, an infilling frame, ...). `on_step(i, n)` is called after each step.
+
+    Classifier-free guidance (cfg.guidance = s != 1): one batched forward gives the conditional estimate x0_c (clean
+    positions given) and the unconditional x0_u (nothing given; the clean positions follow their own noisy
+    trajectory, exactly as in an unconditional run); the update uses x0_u + s * (x0_c - x0_u). s = 1 skips the
+    unconditional half (the plain conditional sampler), s = 0 reproduces the unconditional sampler's draws."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     dt = torch.float64 if cfg.precision == "float64" else torch.float32
     d = model.cfg.d_embed
@@ -62,25 +67,33 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
     if clean_tokens is None or clean.shape != (batch_size, length) or clean_tokens.shape != (batch_size, length):
         raise ValueError(f"clean and clean_tokens must both have shape ({batch_size}, {length})")
     clean, clean_tokens = clean.to(device), clean_tokens.to(device)
+    guided = cfg.guidance != 1.0
     keep = clean.unsqueeze(-1)
+    none = torch.zeros_like(clean)
     x0_clean = model.embed(clean_tokens).to(dt)
+    # x: the free trajectory of every position; the conditional branch sees x0_clean at the clean positions instead
     x = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
-    x = torch.where(keep, x0_clean, x)
     grid = timestep_grid(schedule.num_steps, cfg.steps, cfg.spacing)
-    x0_hat = None
+    x0_c = x0_u = x0_hat = None
     for i, (step_t, step_s) in enumerate(zip(grid[:-1], grid[1:])):
         t = schedule.step_to_t(step_t).to(dt)
         s = schedule.step_to_t(step_s).to(dt)
         ab_t, ab_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
         tb = torch.full((batch_size,), float(t), device=device)
-        sc = x0_hat.float() if (model.self_condition and x0_hat is not None) else None
-        x0_hat = model(x.float(), tb, clean, sc).to(dt)
-        x0_hat = torch.where(keep, x0_clean, x0_hat)
+        x_c = torch.where(keep, x0_clean, x)
+        if guided:
+            sc = torch.cat([x0_c, x0_u]).float() if (model.self_condition and x0_c is not None) else None
+            both = model(torch.cat([x_c, x]).float(), torch.cat([tb, tb]), torch.cat([clean, none]), sc).to(dt)
+            x0_c, x0_u = both[:batch_size], both[batch_size:]
+            x0_hat = torch.where(keep, x0_u, x0_u + cfg.guidance * (x0_c - x0_u))
+        else:
+            sc = x0_c.float() if (model.self_condition and x0_c is not None) else None
+            x0_c = model(x_c.float(), tb, clean, sc).to(dt)
+            x0_hat = x0_c
         z = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
         if cfg.sampler == "ddim":
             eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
-            sigma = cfg.eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).clamp_min(0).sqrt() if ab_s > 0 else 0.0
-            sigma = torch.as_tensor(sigma, dtype=dt)
+            sigma = cfg.eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).clamp_min(0).sqrt()
             x = ab_s.sqrt() * x0_hat + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps_hat + sigma * z
         elif cfg.sampler == "ddpm":
             a_ts = ab_t / ab_s                                   # alpha from s to t
@@ -90,7 +103,6 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
             x = coef_x0 * x0_hat + coef_xt * x + var.clamp_min(0).sqrt() * z
         else:
             raise ValueError(f"unknown sampler {cfg.sampler!r}; use ddpm or ddim")
-        x = torch.where(keep, x0_clean, x)
         if on_step is not None:
             on_step(i + 1, len(grid) - 1)
     tokens = pick_tokens(model.logits(x0_hat.float()), cfg, generator)
