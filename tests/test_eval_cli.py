@@ -99,6 +99,10 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
     for row in report["prompted"]:
         assert row["prompts"] == 4 and row["prompt_len"] == 32 and 0 <= row["bleu"] <= 100
         assert {"rouge1_f", "rouge2_f", "rougeL_f"} <= set(row) and row["examples"][0]["truth"]
+    for row in report["infill"]:
+        assert row["middle_len"] == 32 and row["prefix_len"] == row["suffix_len"] == 16
+        for variant in ("with_suffix", "prefix_only"):
+            assert 0 <= row[variant]["token_accuracy"] <= 1 and 0 <= row[variant]["bleu"] <= 100
     for row in report["speed"]:
         assert row["latency_s"] > 0 and row["tokens_per_s"] == pytest.approx(4 * 64 / row["latency_s"])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -122,6 +126,7 @@ def test_eval_of_the_ar_twin_reports_its_exact_perplexity(models, tmp_path):
     assert "denoising_by_t" not in report and report["judge"] is None
     assert [(r["steps"], r["sampler"]) for r in report["generation"]] == [(64, "ar-recurrent")]
     assert report["prompted"][0]["continuation_len"] == 32 and report["speed"][0]["tokens_per_s"] > 0
+    assert "with_suffix" not in report["infill"][0] and report["infill"][0]["prefix_only"]["token_accuracy"] >= 0
     assert Path(out.with_suffix(".png")).is_file()
 
 

@@ -25,6 +25,7 @@ from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import check_judge, generative_perplexity
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound
+from dimba.evaluation.infill import infill
 from dimba.evaluation.prompted import continue_prompts
 from dimba.evaluation.speed import time_generation
 from dimba.evaluation.textgen import Request, generate
@@ -132,7 +133,7 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
     if judge is not None:
         report["reference"].update(generative_perplexity(judge, tok, reference, opts.gen_batch, device) or {})
 
-    report["generation"], report["prompted"], report["speed"] = [], [], []
+    report["generation"], report["prompted"], report["infill"], report["speed"] = [], [], [], []
     for steps in step_counts:
         samp = replace(sampling, steps=steps) if kind == "dimba" else sampling
         label = {"steps": steps, "sampler": samp.sampler if kind == "dimba" else "ar-recurrent"}
@@ -150,6 +151,10 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
         report["prompted"].append({**label, **continue_prompts(model, cfg, tok, seqs[:opts.prompts], prompt_len, samp,
                                                                opts.seed + 1, opts.gen_batch, device, opts.examples)})
         done(f"prompted@{steps}")
+        timed(f"infill@{steps}")
+        report["infill"].append({**label, **infill(model, cfg, tok, seqs[:opts.prompts], samp, opts.seed + 2,
+                                                   opts.gen_batch, device)})
+        done(f"infill@{steps}")
         timed(f"speed@{steps}")
         report["speed"].append({**label, **time_generation(model, cfg, samp, opts.speed_batch or opts.gen_batch,
                                                            seq_len, opts.speed_repeats, opts.seed, device)})

@@ -60,6 +60,10 @@ def scalars(report: dict) -> dict[str, float]:
             for k in keys:
                 if row.get(k) is not None:
                     out[f"eval/steps{row['steps']}/{k}"] = row[k]
+    for row in report.get("infill", []):
+        for variant in ("with_suffix", "prefix_only"):
+            for k, v in row.get(variant, {}).items():
+                out[f"eval/steps{row['steps']}/infill_{variant}_{k}"] = v
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
