@@ -77,7 +77,9 @@ class DiffusionConfig:
     ce_weight: float = 1.0             # cross-entropy anchor on logits of x0_hat
     self_cond_prob: float = 0.5        # fraction of the batch trained with the model's own detached x0 estimate
     cond_dropout: float = 0.0          # classifier-free guidance: drop prompt/clean conditioning on this fraction
-    t_min: float = 1e-3                # training draws t ~ U(t_min, 1)
+    t_min: float = 1e-3                # training draws t in [t_min, 1] ...
+    t_power: float = 1.0               # ... as t = t_min + (1 - t_min) * u ** t_power, u ~ U(0, 1): a fixed time warp;
+                                       # < 1 puts more samples at high noise, where text diffusion learns the most
 
     def validate(self) -> None:
         require(self.num_steps >= 1, f"diffusion.num_steps must be >= 1, got {self.num_steps}")
@@ -86,6 +88,7 @@ class DiffusionConfig:
         require(0 <= self.self_cond_prob <= 1, f"diffusion.self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
         require(0 <= self.cond_dropout < 1, f"diffusion.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         require(0 <= self.t_min < 1, f"diffusion.t_min must be in [0, 1), got {self.t_min}")
+        require(self.t_power > 0, f"diffusion.t_power must be > 0, got {self.t_power}")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The DIMBA training objective: x0-MSE plus a cross-entropy anchor, with self-conditioning.
 
-For clean tokens x0 = embed(tokens), a time t ~ U(t_min, 1) and noise eps per sample:
+For clean tokens x0 = embed(tokens), a time t = t_min + (1 - t_min) u^t_power (u ~ U(0, 1)) and noise eps:
     x_t = sqrt(ab(t)) x0 + sqrt(1 - ab(t)) eps          (clean positions keep x0)
     with probability self_cond_prob:  sc = stopgrad(model(x_t, t, clean, 0))   else sc = 0
     x0_hat = model(x_t, t, clean, sc)
@@ -47,7 +47,7 @@ def draw_noise(cfg: DiffusionConfig, seeds: list[int], seq_len: int, d_embed: in
     for s in seeds:
         g = torch.Generator().manual_seed(s)
         u = torch.rand(3, generator=g, dtype=torch.float64)
-        t.append(cfg.t_min + (1 - cfg.t_min) * u[0].item())
+        t.append(cfg.t_min + (1 - cfg.t_min) * u[0].item() ** cfg.t_power)
         sc.append(bool(u[1].item() < cfg.self_cond_prob))
         drop.append(bool(u[2].item() < cfg.cond_dropout))
         noise.append(torch.randn(seq_len, d_embed, generator=g))

@@ -1,0 +1,102 @@
+"""DIMBA really learns text: a tiny model trained on CPU on 32 windows of real prose reproduces them.
+
+No mocks: the real model, objective, clean-mask mixture, sampler and the committed sentencepiece tokenizer. The
+loop is a plain AdamW loop (the DeepSpeed engine has its own tests); 800 full-batch steps take about 90 s on two
+idle cores. Measured when this test was written (seed 0): prompted token accuracy about 0.8 from a 4-token
+prompt; the assertions leave room below that.
+"""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimba.config import config_from_dict
+from dimba.data.masks import draw_clean_mask
+from dimba.data.tokenizer import Tokenizer
+from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
+from dimba.diffusion.sampling import sample
+from dimba.diffusion.schedule import NoiseSchedule
+from dimba.model.build import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+N, L, STEPS = 32, 24, 800
+
+
+def windows() -> torch.Tensor:
+    tok = Tokenizer(ROOT / "data_prep" / "tokenizer" / "tokenizer.model")
+    text = (ROOT / "data_prep" / "corpus" / "carroll-alice.txt").read_text()
+    ids = tok.encode(text[20000:60000])
+    return torch.tensor(ids[: N * L]).view(N, L)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    cfg = config_from_dict({
+        "model": {"vocab_size": 4096, "d_model": 128, "n_layers": 2, "d_embed": 32, "d_state": 16, "headdim": 32,
+                  "chunk_size": 32, "mixer_impl": "chunked"},
+        "diffusion": {"num_steps": 200, "t_power": 0.33},
+        "sampling": {"steps": 32, "greedy": True},
+        "data": {"clean": {"none": 0.34, "prefix": 0.33, "infill": 0.33, "prefix_frac": [0.05, 0.35],
+                           "suffix_frac": [0.1, 0.35]}},
+    })
+    toks = windows()
+    model = build_model(cfg.model)
+    schedule = NoiseSchedule(num_steps=cfg.diffusion.num_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    lr = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / STEPS))))
+    ce = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        clean = torch.stack([draw_clean_mask(cfg.data.clean, L, g) for _ in range(N)])
+        draw = draw_noise(cfg.diffusion, [sample_seed(0, step, i) for i in range(N)], L, cfg.model.d_embed)
+        loss, terms = diffusion_loss(model, schedule, cfg.diffusion, toks, clean, draw, pad_id=0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        lr.step()
+        ce.append(terms["ce"].item())
+    return cfg, model.eval(), schedule, toks, ce
+
+
+def accuracy(out: torch.Tensor, toks: torch.Tensor, scored: torch.Tensor) -> float:
+    return ((out == toks) & scored).sum().item() / scored.sum().item()
+
+
+def test_cross_entropy_falls(trained):
+    _, _, _, _, ce = trained
+    first, last = sum(ce[:10]) / 10, sum(ce[-50:]) / 50
+    print(f"CE term: first 10 steps {first:.2f}, last 50 steps {last:.2f} ({first / last:.1f}x)")
+    assert first / last >= 5
+
+
+def test_sampling_reproduces_the_training_text_from_a_short_prompt(trained):
+    cfg, model, schedule, toks, _ = trained
+    clean = torch.zeros_like(toks, dtype=torch.bool)
+    clean[:, :4] = True
+    out = sample(model, schedule, cfg.sampling, N, L, toks, clean, torch.Generator().manual_seed(0))
+    acc = accuracy(out, toks, ~clean)
+    # what a model that knew only the position-wise token frequencies would score
+    majority = torch.mode(toks, dim=0).values
+    chance = accuracy(majority.expand_as(toks), toks, ~clean)
+    print(f"prompted token accuracy {acc:.3f} (position-wise majority baseline {chance:.3f}, uniform 1/4096)")
+    assert torch.equal(out[clean], toks[clean])
+    assert acc >= 0.5 and acc >= 5 * chance
+
+
+def test_infilling_recovers_hidden_middles_better_with_the_suffix(trained):
+    cfg, model, schedule, toks, _ = trained
+    prefix_only = torch.zeros_like(toks, dtype=torch.bool)
+    prefix_only[:, :1] = True                      # one given token: ambiguous on its own, the suffix decides
+    framed = prefix_only.clone()
+    framed[:, L - 6:] = True
+    middle = ~framed
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    with_suffix = accuracy(sample(model, schedule, cfg.sampling, N, L, toks, framed, g()), toks, middle)
+    without = accuracy(sample(model, schedule, cfg.sampling, N, L, toks, prefix_only, g()), toks, middle)
+    print(f"hidden-middle token accuracy: with suffix {with_suffix:.3f}, prefix only {without:.3f}")
+    assert with_suffix >= 0.5
+    assert with_suffix > without
