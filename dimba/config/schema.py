@@ -224,6 +224,9 @@ class Config:
                                                      "gradient_accumulation_steps": 1,
                                                      "gradient_clipping": 1.0,
                                                      "zero_optimization": {"stage": 1}})
+    # launch/submit.py's resources (nodes, GPUs, partition, time limit, evaluation jobs); checked there by
+    # dimba.cluster.spec.ClusterSpec, ignored by training itself
+    cluster: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         for key, owner in DEEPSPEED_OWNED_KEYS.items():

@@ -29,6 +29,7 @@ same batches every time it is iterated.
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -54,6 +55,14 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
         raise DataError(f"data.tokenizer {tok.path} has {tok.vocab_size} pieces but the shards in {cfg.shards} were "
                         f"made with a {manifest.vocab_size}-piece tokenizer; use {manifest.tokenizer_path}")
     return tok
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave stop signals to the trainer: Slurm sends SIGTERM/SIGUSR1 to every process of a job, and a
+    worker killed by it would crash the trainer before it could save. Workers still end with their parent
+    (PyTorch's watchdog) and when the loader shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _RankStream(IterableDataset):
@@ -117,7 +126,8 @@ class TokenLoader:
         stream = _RankStream(Path(self.cfg.shards), self.plan, self.cfg, self.rank, self._batches, finite)
         if self.cfg.num_workers > 0:
             stream = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                prefetch_factor=PREFETCH_BATCHES, persistent_workers=False)
+                                prefetch_factor=PREFETCH_BATCHES, persistent_workers=False,
+                                worker_init_fn=_ignore_stop_signals)
         it = iter(stream)
         try:
             for batch in it:

@@ -32,6 +32,9 @@ def open_tokenizer(cfg: Config):
 
 
 def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
+    from dimba.training.stopflag import StopFlag
+    stop = StopFlag()
+    stop.install()
     from dimba.data.errors import DataError
     try:
         cfg = load_config(config_path, overrides)
@@ -56,7 +59,7 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
         val_loader = TokenLoader(cfg.data, split="val", batch_size=cfg.micro_batch_size, rank=info.rank,
                                  world_size=info.world_size)
     try:
-        return Trainer(cfg, run_dir, info, loader, val_loader, tokenizer).fit()
+        return Trainer(cfg, run_dir, info, loader, val_loader, tokenizer, stop).fit()
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,6 +25,7 @@ from dimba.training.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from dimba.training.ema import EMA
 from dimba.training.engine import build_engine, peak_flops
 from dimba.training.metrics import MetricsWriter
+from dimba.training.stopflag import StopFlag
 from dimba.data.tokenizer import BOS_ID
 from dimba.model.ar import ar_loss
 from dimba.model.build import count_parameters, train_flops_per_token
@@ -37,31 +37,16 @@ class TrainingStopped(RuntimeError):
     """The run stopped for a reason a person must look at (the message says which)."""
 
 
-class StopFlag:
-    """Set by SIGUSR1 / SIGTERM (Slurm pre-emption, time limit, scancel): finish the step, save, exit 0."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, info: DistInfo, loader, val_loader=None, tokenizer=None):
+    def __init__(self, cfg: Config, run_dir: Path, info: DistInfo, loader, val_loader=None, tokenizer=None,
+                 stop: Optional[StopFlag] = None):
         self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
         self.loader, self.val_loader, self.tokenizer = loader, val_loader, tokenizer
         self.schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
         self.engine, self.model = build_engine(cfg, info)
         self.ema = EMA(self.model, cfg.training.ema_decay, cfg.zero_stage) if cfg.training.ema_decay > 0 else None
         self.writer = MetricsWriter(self.run_dir, info.is_main, cfg.logging.tensorboard)
-        self.stop = StopFlag()
+        self.stop = stop if stop is not None else StopFlag()
         self.step = 0                 # optimizer steps done
         self.micro_index = 0          # micro-batches consumed (all ranks together count one per micro-step)
         self.tokens_seen = 0
@@ -241,7 +226,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to training.max_steps (or until stopped); returns the process exit code."""
         cfg = self.cfg
-        self.stop.install()
+        self.stop.install()          # no-op when launch installed it already
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.json")
         self.resume()
