@@ -202,3 +202,14 @@ def test_bad_inputs_give_one_line_errors(bundled_shards, tmp_path, override, mes
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_runs_under_torchrun(bundled_shards, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(__import__("tests.launch", fromlist=["free_port"]).free_port()), "launch/train.py",
+           "--config", "configs/tiny.json", "--run-dir", str(tmp_path / "r"), "--set", f"data.shards={bundled_shards}",
+           "--set", "training.max_steps=3", *TINY]
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "finished"
+    assert "world size 2" in proc.stdout
