@@ -30,7 +30,8 @@ from dimba.data.tokenizer import BOS_ID
 from dimba.model.ar import ar_loss
 from dimba.model.build import count_parameters, train_flops_per_token
 
-VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
+VAL_SEED_OFFSET = 7_777_777
+IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)   # validation noise seeds are fixed per val sample, independent of the step
 
 
 class TrainingStopped(RuntimeError):
@@ -85,8 +86,9 @@ class Trainer:
         if path is None:
             return False
         saved = json.loads((path / "state.json").read_text())
-        if saved["config"]["model"] != self.cfg.to_dict()["model"]:
-            diff = [k for k, v in saved["config"]["model"].items() if self.cfg.to_dict()["model"].get(k) != v]
+        now = self.cfg.to_dict()["model"]
+        diff = [k for k, v in saved["config"]["model"].items() if k not in IMPLEMENTATION_ONLY and now.get(k) != v]
+        if diff:
             raise TrainingStopped(f"checkpoint {path} was written by a different model (model.{diff[0]} differs); "
                                   "use a new --run-dir or the same model config")
         if saved["world_size"] != self.info.world_size:
