@@ -2,8 +2,9 @@
 
 No mocks: the real model, objective, clean-mask mixture, sampler and the committed sentencepiece tokenizer. The
 loop is a plain AdamW loop (the DeepSpeed engine has its own tests); 800 full-batch steps take about 90 s on two
-idle cores. Measured when this test was written (seed 0): prompted token accuracy about 0.8 from a 4-token
-prompt; the assertions leave room below that.
+idle cores (82 s measured). Measured when this test was written (seed 0): CE term 10.95 -> 1.18; prompted token
+accuracy 0.905 from a 4-token prompt (position-wise majority baseline 0.078); hidden middles after a 1-token
+prefix 0.768 with the 6-token suffix vs 0.724 without. The assertions leave room below those numbers.
 """
 import math
 from pathlib import Path
