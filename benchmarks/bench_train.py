@@ -15,7 +15,6 @@ Measured (2-core CPU, fp32, shared machine), configs/tiny.json, micro-batch 16 x
   see the table printed by the command above; numbers go in the closing notes of the issues.
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path = Path(args.config).resolve()
     try:
         raw = json.loads(config_path.read_text())
-        section = raw.pop("cluster", {}) if isinstance(raw, dict) else {}
+        section = raw.get("cluster", {}) if isinstance(raw, dict) else {}
         spec = ClusterSpec.from_dict(section, **{k: getattr(args, k) for k in SPEC_ARGS})
         cfg = config_from_dict(raw, args.overrides)   # fail here, not minutes later in a queued job
         check_data(cfg)
@@ -113,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args.run_dir or f"runs/{config_path.stem}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_config = config_path
-    if section:   # launch/train.py knows no "cluster" section: hand it the config without one
-        train_config = run_dir / "submitted-config.json"
-        train_config.write_text(json.dumps(raw, indent=2) + "\n")
-    command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(train_config),
+    command = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(config_path),
                "--run-dir", str(run_dir)]
     for kv in args.overrides:
         command += ["--set", kv]

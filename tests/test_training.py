@@ -93,7 +93,7 @@ def test_resume_after_sigusr1_is_exact(uninterrupted, bundled_shards, tmp_path):
     assert status["state"] == "interrupted" and 3 <= status["step"] < MAX_STEPS
     proc = run(train_cmd(run_dir, bundled_shards))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"resumed from" in proc.stdout
+    assert "resumed from" in proc.stdout
     assert_same_run(uninterrupted, run_dir)
 
 

@@ -55,13 +55,10 @@ def _cuda() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import dataclasses
-
     from tqdm import tqdm
 
-    from dimba.config.core import ConfigError
+    from dimba.config.core import ConfigError, from_dict, to_dict
     from dimba.config.schema import SamplingConfig
-    from dimba.config.core import from_dict, to_dict
     from dimba.evaluation.textgen import Request, generate
     from dimba.training.export import ModelLoadError, load_model_dir
 
@@ -103,12 +100,9 @@ def main(argv=None) -> int:
     if too_long:
         print(f"note: frames of {max(too_long)} tokens are far beyond the training length {loaded.cfg.data.seq_len}",
               file=sys.stderr)
-    total = len(requests) * (sampling.steps if kind == "dimba" else 1)
-    bar = tqdm(total=total, desc="sampling", unit="step" if kind == "dimba" else "batch", file=sys.stderr,
-               disable=not sys.stderr.isatty())
-    on_step = (lambda i, n: bar.update(len(requests) and 1)) if kind == "dimba" else None
+    bar = tqdm(total=len(requests), desc="sampling", unit="sample", file=sys.stderr, disable=not sys.stderr.isatty())
     results, stats = generate(loaded.model, loaded.cfg, requests, sampling, args.seed, args.batch_size, args.device,
-                              on_batch=(None if kind == "dimba" else bar.update), on_step=on_step)
+                              on_batch=bar.update)
     bar.close()
     rows = []
     for i, res in enumerate(results):

@@ -8,8 +8,6 @@ save. SIGUSR1/SIGTERM set a flag; ranks agree on it after every micro-batch, fin
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
