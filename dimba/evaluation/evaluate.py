@@ -2,7 +2,8 @@
 
     report = evaluate(loaded, "data/shards", EvalOptions(), judge=loaded_judge, device="cuda")
 
-`loaded` and `judge` are `LoadedModel`s (`dimba.training.export.load_model_dir`). What is measured, in order:
+`loaded` and `judge` are `LoadedModel`s (`dimba.training.export.load_model_dir`); `judge` may also be a
+`SmolLM2Judge` (judge.py). What is measured, in order:
   likelihood      DIMBA: the ELBO upper bound on NLL per token (likelihood.py); AR twin: its exact NLL
   denoising_by_t  DIMBA only: the training objective's terms per t bucket (denoising.py)
   reference       text statistics (and gen PPL under the judge) of held-out text of the sample length
@@ -23,7 +24,7 @@ from dimba.config.schema import SamplingConfig
 from dimba.diffusion.schedule import NoiseSchedule
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
-from dimba.evaluation.judge import check_judge, generative_perplexity
+from dimba.evaluation.judge import SmolLM2Judge, check_judge, generative_perplexity
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound
 from dimba.evaluation.infill import infill
 from dimba.evaluation.prompted import continue_prompts
@@ -106,7 +107,9 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
                              "sequences_available": len(seqs), "likelihood_sequences": min(n_lik, len(seqs))},
                     "settings": {**asdict(opts), "seq_len": seq_len, "prompt_len": prompt_len,
                                  "sampling": asdict(sampling), "device": str(device)}}
-    if judge is not None:
+    if isinstance(judge, SmolLM2Judge):
+        report["judge"] = judge.info()
+    elif judge is not None:
         report["judge"] = {**_model_info(judge, judge_path),
                            "same_tokenizer": judge.tokenizer.sha256 == tok.sha256}
 

