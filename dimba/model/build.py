@@ -40,3 +40,26 @@ def train_flops_per_token(cfg: ModelConfig, self_cond_prob: float = 0.0) -> floa
     if cfg.kind == "dimba":
         fwd += 2 * cfg.d_model * cfg.d_embed * (2 if cfg.self_condition else 1) + 2 * cfg.d_model * cfg.d_embed
     return 3 * fwd + self_cond_prob * fwd
+
+
+def ar_twin(cfg: ModelConfig) -> tuple[ModelConfig, int, int]:
+    """The autoregressive twin of a DIMBA model config at equal parameters: same d_model, d_state, headdim and
+    vocabulary, causal (one mixer per block), with the number of layers whose total parameter count is closest
+    to DIMBA's (a bidirectional DIMBA block holds two mixers, so the twin is about twice as deep).
+    Returns (twin config, DIMBA parameters, twin parameters); counted on the meta device (no memory)."""
+    import dataclasses
+
+    import torch
+
+    def params(c: ModelConfig) -> int:
+        with torch.device("meta"):
+            return count_parameters(build_model(c))
+
+    target = params(cfg)
+    best = None
+    for n in range(1, 4 * cfg.n_layers + 1):
+        twin = dataclasses.replace(cfg, kind="ar", bidirectional=False, n_layers=n)
+        p = params(twin)
+        if best is None or abs(p - target) < abs(best[1] - target):
+            best = (twin, p)
+    return best[0], target, best[1]

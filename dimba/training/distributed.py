@@ -27,10 +27,19 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_command(script: str, args: list[str], ranks: int | None = None) -> list[str]:
+    """`deepspeed [--num_gpus N] script args` on this machine (ranks None: every GPU; on a machine without GPUs
+    the launcher runs N CPU ranks with gloo), on a free master port so several launches can coexist."""
+    import sys
+    gpus = ["--num_gpus", str(ranks)] if ranks else []
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *gpus, "--master_port", str(free_port()),
+            script, *args]
 
 
 def resolve_env(environ: dict | None = None) -> dict:
@@ -54,7 +63,7 @@ def resolve_env(environ: dict | None = None) -> dict:
     elif "SLURM_JOB_ID" in env:
         out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
     else:
-        out["MASTER_PORT"] = str(_free_port())
+        out["MASTER_PORT"] = str(free_port())
     return out
 
 

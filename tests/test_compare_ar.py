@@ -1,0 +1,64 @@
+"""The DIMBA-vs-AR comparison benchmark (benchmarks/compare_ar.py): every stage end to end at toy size with the
+real engine, and the goal checks on hand-made reports."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import ROOT, env
+
+spec = importlib.util.spec_from_file_location("compare_ar", ROOT / "benchmarks" / "compare_ar.py")
+compare_ar = sys.modules.setdefault("compare_ar", importlib.util.module_from_spec(spec))
+spec.loader.exec_module(compare_ar)
+
+
+def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "benchmarks/compare_ar.py", "--scale", "smoke", "--corpus", "data_prep/corpus/*.txt",
+           "--out", str(out), "--judge", "none"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    models = report["setup"]["models"]
+    assert models["dimba"]["kind"] == "dimba" and models["ar"]["kind"] == "ar"
+    assert models["dimba"]["tokens_trained"] == models["ar"]["tokens_trained"] == 4 * 2 * 4 * 32
+    assert report["likelihood"]["dimba"]["kind"] == "elbo_upper_bound" and report["likelihood"]["ar"]["kind"] == "exact"
+    assert [(r["model"], r["steps"]) for r in report["generation"]] == [("data", None), ("dimba", 2), ("dimba", 4),
+                                                                         ("ar", 32)]
+    assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("dimba", "ar") for b in (1, 4)}
+    assert "with_suffix" in report["infill"][0] and "with_suffix" not in report["infill"][-1]
+    assert [r["guidance"] for r in report["guidance"]] == [0.0, 1.0, 2.0, None]
+    assert "## Goals" in (out / "report.md").read_text() and (out / "compare.png").stat().st_size > 10_000
+    # a second run finds everything done and only redraws the report
+    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "finished" in again.stdout and "in report.json" in again.stdout
+
+
+def report(ppl=(12.0, 10.0), gen=(30.0, 25.0), entropy=(9.3, 9.5), latency=(0.5, 2.5), fill=(0.3, 0.1)):
+    return {"setup": {"device": "test"},
+            "likelihood": {"dimba": {"ppl": ppl[0]}, "ar": {"ppl": ppl[1]}},
+            "generation": [{"model": "data", "steps": None, "unigram_entropy_bits": 9.6, "gen_ppl": 20.0},
+                           {"model": "dimba", "steps": 32, "unigram_entropy_bits": entropy[0], "gen_ppl": gen[0]},
+                           {"model": "dimba", "steps": 128, "unigram_entropy_bits": 9.6, "gen_ppl": 1.0},
+                           {"model": "ar", "steps": 128, "unigram_entropy_bits": entropy[1], "gen_ppl": gen[1]}],
+            "speed": [{"model": "dimba", "steps": 32, "batch": 1, "length": 256, "latency_s": latency[0]},
+                      {"model": "ar", "steps": 256, "batch": 1, "length": 256, "latency_s": latency[1]}],
+            "infill": [{"model": "dimba", "steps": 32, "with_suffix": {"token_accuracy": fill[0]}},
+                       {"model": "ar", "steps": None, "prefix_only": {"token_accuracy": fill[1]}}]}
+
+
+@pytest.mark.parametrize("kwargs, met", [
+    ({}, [True, True, True, True]),
+    ({"ppl": (12.1, 10.0)}, [False, True, True, True]),
+    ({"gen": (33.0, 25.0)}, [True, False, True, True]),
+    ({"entropy": (9.1, 9.5)}, [True, False, True, True]),      # below 0.95x the data's entropy: not counted
+    ({"latency": (0.7, 2.5)}, [True, True, False, True]),
+    ({"fill": (0.19, 0.1)}, [True, True, True, False]),
+    ({"fill": (0.0, 0.0)}, [True, True, True, False]),          # nothing recovered is no win
+])
+def test_goals(kwargs, met):
+    got = compare_ar.goals(report(**kwargs))
+    assert [g["met"] for g in got] == met
+    assert "T=128" not in got[1]["value"]                     # T > 64 never counts for the gen-PPL goal
