@@ -61,6 +61,12 @@ TOKENIZER = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "gutenberg" / "*.txt"
 BUNDLED_CORPUS = ROOT / "data_prep" / "corpus" / "*.txt"
 KINDS = ("dimba", "ar")
+# eval-time levers (no retraining), unconditional samples at the guidance section's T; temperature and top_p rows
+# are repeated for the AR twin (same options, same meaning: its token pick).
+SAMPLING_LEVERS = [("config (ddim, uniform, top_p 0.95)", {}), ("spacing quadratic", {"spacing": "quadratic"}),
+                   ("spacing trailing", {"spacing": "trailing"}), ("sampler ddpm", {"sampler": "ddpm"}),
+                   ("top_p 1.0", {"top_p": 1.0}), ("temperature 0.8", {"temperature": 0.8}),
+                   ("temperature 0.9", {"temperature": 0.9})]
 
 
 @dataclass
@@ -181,7 +187,7 @@ def _quality(judge, tok, seqs, batch: int, device) -> dict:
     return row
 
 
-def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str) -> None:
+def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: list[str] | None = None) -> None:
     path = out / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
     models = {k: load_model_dir(out / k, device=device) for k in KINDS}
@@ -277,6 +283,23 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str) -> None:
                   flush=True)
         return rows
 
+    def sampling():
+        uncond = [Request(prefix=[], middle_length=seq_len) for _ in range(scale.samples)]
+        rows = []
+        for label, change in SAMPLING_LEVERS:
+            for kind in KINDS:
+                if kind == "ar" and not set(change) <= {"temperature", "top_p"}:
+                    continue                               # sampler/spacing/T mean nothing to the AR decoder
+                m = models[kind]
+                samp = replace(m.cfg.sampling, **change, **({"steps": scale.guidance_steps} if kind == "dimba" else {}))
+                res, _ = generate(m.model, m.cfg, uncond, samp, seed=1, batch_size=scale.gen_batch, device=device)
+                toks = [r.middle for r in res]
+                rows.append({"model": kind, "lever": label, "steps": samp.steps if kind == "dimba" else seq_len,
+                             **_quality(judge, tok, toks, scale.gen_batch, device)})
+                print(f"[eval]   {kind} {label}: entropy {rows[-1]['unigram_entropy_bits']:.2f}, "
+                      f"gen-PPL {rows[-1].get('gen_ppl')}", flush=True)
+        return rows
+
     def speed():
         rows = []
         for batch in scale.speed_batches:
@@ -289,11 +312,10 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str) -> None:
                     print(f"[eval]   {kind} T={steps} batch {batch}: {r['latency_s']:.3f} s", flush=True)
         return rows
 
-    section("likelihood", likelihood)
-    section("generation", generation)
-    section("infill", infill_rows)
-    section("guidance", guidance)
-    section("speed", speed)
+    for name, fn in (("likelihood", likelihood), ("generation", generation), ("infill", infill_rows),
+                     ("guidance", guidance), ("speed", speed), ("sampling", sampling)):
+        if sections is None or name in sections:
+            section(name, fn)
 
 
 def _training_record(run_dir: Path) -> dict:
@@ -398,6 +420,11 @@ def write_markdown(report: dict, path: Path) -> None:
                       "BLEU vs truth"],
                      [[r["model"], r["guidance"], r["steps"], r.get("gen_ppl"), r["unigram_entropy_bits"],
                        r["repetition_rate"], r["bleu"]] for r in report["guidance"]])
+    if "sampling" in report:
+        md += ["", "## Sampling levers (unconditional, no retraining)", ""]
+        md += _table(["model", "lever", "T", "gen-PPL", "unigram entropy (bits)", "seq-rep-4"],
+                     [[r["model"], r["lever"], r["steps"], r.get("gen_ppl"), r["unigram_entropy_bits"],
+                       r["repetition_rate"]] for r in report["sampling"]])
     if "speed" in report:
         md += ["", "## Generation speed", ""]
         ar = {r["batch"]: r["latency_s"] for r in report["speed"] if r["model"] == "ar"}
@@ -412,11 +439,13 @@ def write_markdown(report: dict, path: Path) -> None:
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     gen, speed = report.get("generation", []), report.get("speed", [])
     batches = sorted({r["batch"] for r in speed})
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5.2 * (len(batches) + 1), 4.2))
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5.2 * (len(batches) + 1), 4.2), squeeze=False)
+    axes = axes[0]
     data = next((r for r in gen if r["model"] == "data"), {})
     for ax, batch in zip(axes, batches):
         lat = {(r["model"], r["steps"]): r["latency_s"] for r in speed if r["batch"] == batch}
@@ -435,6 +464,7 @@ def plot(report: dict, path: Path) -> None:
         length = next((r["length"] for r in speed), "?")
         ax.set(xscale="log", yscale="log", xlabel=f"latency to generate {length} tokens, batch {batch} (s)",
                ylabel=f"gen-PPL ({report['setup']['judge']})", title=f"quality vs latency, batch {batch}")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax = axes[-1]
@@ -463,6 +493,7 @@ def stage_report(out: Path) -> None:
 
 
 STAGES = ("data", "train-dimba", "train-ar", "eval", "report")
+SECTIONS = ("likelihood", "generation", "infill", "guidance", "speed", "sampling")
 
 
 def main() -> int:
@@ -475,10 +506,27 @@ def main() -> int:
     ap.add_argument("--judge", default=SMOLLM2,
                     help="'smollm2' (default), a DIMBA-stack AR model folder, or 'none' (no gen-PPL)")
     ap.add_argument("--device", default=None, help="eval device (default cuda if available)")
+    ap.add_argument("--dimba-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra DIMBA training override (a lever to try; use a new --out)")
+    ap.add_argument("--ar-from", default=None, metavar="OUT",
+                    help="reuse the shards and the trained AR twin of an earlier comparison (links them)")
+    ap.add_argument("--sections", default=None, help="eval only these sections, comma-separated "
+                    "(likelihood,generation,infill,guidance,speed,sampling)")
     args = ap.parse_args()
+    unknown = set(args.sections.split(",")) - set(SECTIONS) if args.sections else set()
+    if unknown:
+        sys.exit(f"--sections: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     scale = SCALES[args.scale]
+    scale = replace(scale, dimba=scale.dimba + args.dimba_set)
     out = Path(args.out or ROOT / "runs" / f"compare-{args.scale}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.ar_from:
+        for name in ("shards", "ar"):
+            src, dst = Path(args.ar_from).resolve() / name, out / name
+            if not src.exists():
+                sys.exit(f"--ar-from {args.ar_from}: no {name}/ there; run the full comparison into it first")
+            if not dst.exists():
+                dst.symlink_to(src)
     corpus = args.corpus or str(SHARED_CORPUS if SHARED_CORPUS.parent.is_dir() else BUNDLED_CORPUS)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -488,7 +536,7 @@ def main() -> int:
         elif stage.startswith("train-"):
             stage_train(out, scale, stage.split("-", 1)[1])
         elif stage == "eval":
-            stage_eval(out, scale, args.judge, device)
+            stage_eval(out, scale, args.judge, device, args.sections.split(",") if args.sections else None)
         else:
             stage_report(out)
     return 0
