@@ -383,9 +383,12 @@ def goals(report: dict) -> list[dict]:
         ar = next(r for r in fill if r["model"] == "ar")["prefix_only"]["token_accuracy"]
         best = max((r for r in fill if r["model"] == "dimba"), key=lambda r: r["with_suffix"]["token_accuracy"])
         acc = best["with_suffix"]["token_accuracy"]
-        out.append({"goal": "infill token accuracy: DIMBA (prefix+suffix) >= 2x AR (prefix only)",
-                    "value": f"{acc:.3f} vs {ar:.3f} = {acc / max(ar, 1e-9):.2f}x at T={best['steps']}",
-                    "met": acc >= 2 * ar and acc > ar})
+        floor = best.get("mode_baseline", 0.0)
+        out.append({"goal": "infill token accuracy: DIMBA (prefix+suffix) >= 2x AR (prefix only), above the "
+                            "most-frequent-token baseline",
+                    "value": f"{acc:.3f} vs {ar:.3f} = {acc / max(ar, 1e-9):.2f}x at T={best['steps']} "
+                             f"(baseline {floor:.3f})",
+                    "met": acc >= 2 * ar and acc > ar and acc > floor})
     return out
 
 
@@ -411,7 +414,7 @@ def write_markdown(report: dict, path: Path) -> None:
                                        for r in report["generation"] if r.get("examples")]
     if "infill" in report:
         md += ["", "## Infilling (middle half hidden)", ""]
-        rows = []
+        rows = [["(most frequent token everywhere)", None, None, report["infill"][0].get("mode_baseline"), None]]
         for r in report["infill"]:
             for how in ("with_suffix", "prefix_only"):
                 if how in r:

@@ -267,3 +267,18 @@ def test_smollm2_judge_prefers_real_text_to_shuffled_text():
     alone = judge.text_nll(["Alice said"])
     assert both["judge_nll_nats"] * both["judge_tokens"] == pytest.approx(
         real["judge_nll_nats"] * real["judge_tokens"] + alone[0], rel=1e-4)
+
+
+def test_infill_reports_the_most_frequent_token_baseline():
+    """Windows of 8: prefix 2, hidden middle 4, suffix 2. Token 7 is the most frequent overall and fills 3 of the
+    8 hidden positions, so writing 7 everywhere scores 3/8; the flat AR model's samples are scored beside it."""
+    tok = Tokenizer(TOKENIZER)
+    seqs = torch.tensor([[7, 7, 7, 9, 10, 7, 7, 7],
+                         [11, 12, 13, 7, 14, 15, 16, 17]])
+    model = flat_ar()
+    from dimba.config.schema import SamplingConfig
+    from dimba.evaluation.infill import infill
+    out = infill(model, Config(model=model.cfg), tok, seqs, SamplingConfig(top_p=1.0), seed=0, batch_size=2)
+    assert (out["prefix_len"], out["middle_len"], out["suffix_len"]) == (2, 4, 2)
+    assert out["mode_baseline"] == pytest.approx(3 / 8)
+    assert 0 <= out["prefix_only"]["token_accuracy"] <= 1 and "with_suffix" not in out
