@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
 from dimba.evaluation.infill import infill  # noqa: E402
-from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
+from dimba.evaluation.judge import SMOLLM2, SmolLM2Judge, generative_perplexity, load_judge  # noqa: E402
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound  # noqa: E402
 from dimba.evaluation.prompted import bleu  # noqa: E402
 from dimba.evaluation.speed import time_generation  # noqa: E402
@@ -205,8 +205,11 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
     shards = out / "shards"
     n = max(scale.lik_seqs, scale.samples, scale.prompts)
     seqs = val_sequences(shards, tok, seq_len, n)
-    judge = load_judge(judge_spec, device) if judge_spec != "none" else None
-    judge_name = getattr(judge, "name", judge_spec)
+    todo = [name for name in SECTIONS if (sections is None or name in sections) and name not in report]
+    judge = load_judge(judge_spec, device) if judge_spec != "none" and todo else None    # ~15 s: only when used
+    judge_name = judge.name if isinstance(judge, SmolLM2Judge) else judge_spec
+    if judge is None and not todo:
+        judge_name = report.get("setup", {}).get("judge", judge_spec)     # what the kept sections were scored with
 
     report["setup"] = {
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({os.cpu_count()} cores)",

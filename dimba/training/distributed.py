@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,6 @@ def free_port() -> int:
 def deepspeed_command(script: str, args: list[str], ranks: int | None = None) -> list[str]:
     """`deepspeed [--num_gpus N] script args` on this machine (ranks None: every GPU; on a machine without GPUs
     the launcher runs N CPU ranks with gloo), on a free master port so several launches can coexist."""
-    import sys
     gpus = ["--num_gpus", str(ranks)] if ranks else []
     return [sys.executable, "-m", "deepspeed.launcher.runner", *gpus, "--master_port", str(free_port()),
             script, *args]
