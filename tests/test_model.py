@@ -76,6 +76,31 @@ def test_every_parameter_gets_a_gradient(conditioning, tie):
     assert not missing, f"no gradient for {missing}"
 
 
+@pytest.mark.parametrize("head", ["linear", "softmax"])
+def test_x0_heads(head):
+    """linear: logits read x0_hat through the table; softmax: x0_hat is the expected embedding under the logits,
+    so it lies in the table's convex hull and becomes a token's embedding exactly when the model is sure."""
+    torch.manual_seed(0)
+    model = build_model(make(x0_head=head).model)
+    randomize_zero_init(model)
+    x, t, clean = inputs()
+    x0_hat, logits = model(x, t, clean, with_logits=True)
+    assert torch.equal(x0_hat, model(x, t, clean)) and logits.shape == (2, 12, 50)
+    table = model.token_embedding.table()
+    if head == "linear":
+        torch.testing.assert_close(logits, model.logits(x0_hat))
+    else:
+        torch.testing.assert_close(x0_hat, logits.softmax(-1) @ table)
+        assert x0_hat.norm(dim=-1).max() <= table.norm(dim=-1).max() + 1e-4      # inside the hull's ball
+        with torch.no_grad():                                                     # a sure model: exact x0
+            model.out_proj.weight.zero_()
+            model.out_proj.bias.copy_(100 * table[7])
+        x0_hat, logits = model(x, t, clean, with_logits=True)
+        torch.testing.assert_close(x0_hat, table[7].expand_as(x0_hat))
+    with pytest.raises(ValueError, match="x0_head"):
+        make(x0_head="softmax", tie_embeddings=False)
+
+
 def test_time_and_prompt_change_the_output():
     torch.manual_seed(0)
     model = build_model(make().model)

@@ -38,6 +38,10 @@ class ModelConfig:
     conditioning: Literal["film", "additive"] = "film"
     d_cond: int = 0              # width of the conditioning vector (0: same as d_model)
     tie_embeddings: bool = True  # logits = x0_hat . normalised embedding table
+    # how the denoiser states x0_hat: "linear" = out_proj's output (logits read it through the table); "softmax" =
+    # out_proj's output gives logits, x0_hat = softmax(logits) @ table, a mixture of token embeddings (CDCD's score
+    # interpolation, Plaid), exact once the model is sure of a token, which keeps the likelihood bound finite
+    x0_head: Literal["linear", "softmax"] = "linear"
     self_condition: bool = True  # the denoiser takes its previous x0 estimate as an extra input
     # Mamba-2 mixer (same names as mamba_ssm.Mamba2)
     d_state: int = 64
@@ -60,6 +64,8 @@ class ModelConfig:
         require((d_inner // self.headdim) % self.ngroups == 0,
                 f"model.ngroups ({self.ngroups}) must divide the number of heads ({d_inner // self.headdim})")
         require(self.d_cond >= 0, f"model.d_cond must be >= 0, got {self.d_cond}")
+        require(self.x0_head == "linear" or self.tie_embeddings,
+                "model.x0_head 'softmax' needs model.tie_embeddings true (x0_hat is a mixture of the tied table)")
         if self.kind == "ar":
             require(not self.bidirectional, "model.bidirectional must be false when model.kind is 'ar' (it predicts the next token)")
 

@@ -4,7 +4,8 @@ For clean tokens x0 = embed(tokens), a time t = t_min + (1 - t_min) u^t_power (u
     x_t = sqrt(ab(t)) x0 + sqrt(1 - ab(t)) eps          (clean positions keep x0)
     with probability self_cond_prob:  sc = stopgrad(model(x_t, t, clean, 0))   else sc = 0
     x0_hat = model(x_t, t, clean, sc)
-    loss = mse_weight * |x0_hat - x0|^2 / d_embed + ce_weight * CE(logits(x0_hat), tokens)
+    loss = mse_weight * |x0_hat - x0|^2 / d_embed + ce_weight * CE(logits, tokens)
+(logits: the denoiser's token distribution; see model.x0_head.)
 Both terms are averaged over the positions that are neither clean nor padding. With probability cond_dropout a
 sample loses its conditioning (no clean positions: every token is noised and scored), which trains the
 unconditional branch used by classifier-free guidance.
@@ -66,8 +67,8 @@ def noised_input(model, schedule: NoiseSchedule, tokens: torch.Tensor, clean: to
 
 
 def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
-            use_self_cond: torch.Tensor | None = None) -> torch.Tensor:
-    """x0_hat with self-conditioning on the samples flagged in `use_self_cond` (B,) bool: a first pass without
+            use_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, logits) with self-conditioning on the samples flagged in `use_self_cond` (B,) bool: a first pass without
     gradient gives the estimate fed to the second pass; unflagged samples get zeros. The first pass runs whenever
     `use_self_cond` is given, even if no sample is flagged: under ZeRO-3 every rank must run the same forwards
     (parameters are gathered collectively), and the flags differ between ranks."""
@@ -76,7 +77,7 @@ def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
         with torch.no_grad():
             first = model(x_t, t, clean, None)
         sc = torch.where(use_self_cond.view(-1, 1, 1), first, torch.zeros_like(first)).detach()
-    return model(x_t, t, clean, sc)
+    return model(x_t, t, clean, sc, with_logits=True)
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens: torch.Tensor,
@@ -85,11 +86,10 @@ def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens:
     and the number of scored tokens."""
     clean = clean & ~draw.drop_cond.unsqueeze(-1)
     x0, x_t = noised_input(model, schedule, tokens, clean, draw.t, draw.noise)
-    x0_hat = denoise(model, x_t, draw.t, clean, draw.self_cond if cfg.self_cond_prob > 0 else None)
+    x0_hat, logits = denoise(model, x_t, draw.t, clean, draw.self_cond if cfg.self_cond_prob > 0 else None)
     scored = (~clean & (tokens != pad_id)).float()
     n = scored.sum().clamp_min(1.0)
     mse = (((x0_hat - x0) ** 2).mean(-1) * scored).sum() / n
-    logits = model.logits(x0_hat)
     ce_tok = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
     ce = (ce_tok * scored).sum() / n
     loss = cfg.mse_weight * mse + cfg.ce_weight * ce

@@ -6,7 +6,9 @@ Every step goes from t to s < t on the grid from `timestep_grid`:
            sigma   = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(1 - ab_t / ab_s)
            x_s     = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z
     DDPM:  x_s ~ q(x_s | x_t, x0_hat) = N(mean, var) with the Gaussian posterior of the forward process
-Clean positions enter every model call as their exact x0 and their tokens are returned unchanged.
+The tokens are picked from the last model call's logits (with guidance: lu + s (lc - lu), which for a linear
+x0 head equals the logits of the guided x0_hat). Clean positions enter every model call as their exact x0 and
+their tokens are returned unchanged.
 The update arithmetic runs in `precision` (float32 or float64); the model runs in its own dtype. All randomness
 comes from one torch.Generator on the CPU, so a seed gives the same tokens bit for bit.
 """
@@ -83,12 +85,16 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
         x_c = torch.where(keep, x0_clean, x)
         if guided:
             sc = torch.cat([x0_c, x0_u]).float() if (model.self_condition and x0_c is not None) else None
-            both = model(torch.cat([x_c, x]).float(), torch.cat([tb, tb]), torch.cat([clean, none]), sc).to(dt)
-            x0_c, x0_u = both[:batch_size], both[batch_size:]
+            both, both_logits = model(torch.cat([x_c, x]).float(), torch.cat([tb, tb]), torch.cat([clean, none]), sc,
+                                      with_logits=True)
+            x0_c, x0_u = both.to(dt)[:batch_size], both.to(dt)[batch_size:]
             x0_hat = torch.where(keep, x0_u, x0_u + cfg.guidance * (x0_c - x0_u))
+            lc, lu = both_logits[:batch_size], both_logits[batch_size:]
+            logits = lu + cfg.guidance * (lc - lu)
         else:
             sc = x0_c.float() if (model.self_condition and x0_c is not None) else None
-            x0_c = model(x_c.float(), tb, clean, sc).to(dt)
+            x0_c, logits = model(x_c.float(), tb, clean, sc, with_logits=True)
+            x0_c = x0_c.to(dt)
             x0_hat = x0_c
         z = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
         if cfg.sampler == "ddim":
@@ -105,5 +111,5 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
             raise ValueError(f"unknown sampler {cfg.sampler!r}; use ddpm or ddim")
         if on_step is not None:
             on_step(i + 1, len(grid) - 1)
-    tokens = pick_tokens(model.logits(x0_hat.float()), cfg, generator)
+    tokens = pick_tokens(logits, cfg, generator)        # the last call's logits (guided like x0_hat)
     return torch.where(clean, clean_tokens, tokens)

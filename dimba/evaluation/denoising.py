@@ -37,8 +37,7 @@ def loss_by_t(model, schedule: NoiseSchedule, cfg: DiffusionConfig, batches: Ite
             t = (edges[k] + (edges[k + 1] - edges[k]) * u).to(device)
             noise = torch.randn(b, tokens.size(1), model.cfg.d_embed, generator=g).to(device)
             x0, x_t = noised_input(model, schedule, tokens, clean, t, noise)
-            x0_hat = denoise(model, x_t, t, clean, flag)
-            logits = model.logits(x0_hat)
+            x0_hat, logits = denoise(model, x_t, t, clean, flag)
             ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
             s = sums[k]
             s["mse"] += float((((x0_hat - x0) ** 2).mean(-1) * scored).sum())

@@ -7,10 +7,10 @@ for a sequence w with clean embeddings x0 = embed(w), SNR(t) = alpha_bar / (1 - 
                  + 1/2 int_{t0}^{1} (-dSNR/dt) E ||x0 - x0_hat(z_t, t)||^2 dt             diffusion
                  + KL(q(z_1 | x0) || N(0, I))                                             prior (0 with zero-terminal SNR)
 
-p(w | z_t0) = softmax(logits(x0_hat(z_t0))) per position; x0_hat is the two-pass self-conditioned estimate
-(`denoise` with every sample flagged), a deterministic function of (z_t, t), so the bound holds for it. The norm
-is summed over the d_embed coordinates and the bound over the scored positions (neither clean nor padding); the
-reported number is per scored token.
+p(w | z_t0) = softmax(logits(z_t0)) per position (the denoiser's token distribution); x0_hat and the logits are
+the two-pass self-conditioned estimate (`denoise` with every sample flagged), a deterministic function of (z_t, t),
+so the bound holds for it. The norm is summed over the d_embed coordinates and the bound over the scored positions
+(neither clean nor padding); the reported number is per scored token.
 
 Estimator. With lambda = log SNR the diffusion term is exactly 1/2 int SNR(lambda) ||x0 - x0_hat||^2 dlambda over
 [lambda_1, lambda(t0)] (no derivative of the schedule is needed). It is split at LOG_SNR_TAIL:
@@ -114,20 +114,20 @@ def _batch_terms(model, schedule: NoiseSchedule, tokens, clean, pad_id: int, can
     for j in range(t_samples):                                  # stratified, uniform in log-SNR
         lam = lam_lo + (j + offset) / t_samples * width
         x_t, t = _noised(schedule, x0, clean, lam, generator)
-        err = (((denoise(model, x_t, t, clean, flag) - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
+        err = (((denoise(model, x_t, t, clean, flag)[0] - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
         w = 0.5 * lam.exp() * width / t_samples
         diffusion += (w * err).unsqueeze(1) * (lam.unsqueeze(1) <= cand_t.unsqueeze(0))
     snr_lo = math.exp(lam_lo)
     if snr_lo > snr_1:                                           # the tail, uniform in SNR
         snr = snr_1 + torch.rand(b, generator=generator, dtype=torch.float64) * (snr_lo - snr_1)
         x_t, t = _noised(schedule, x0, clean, snr.log(), generator)
-        err = (((denoise(model, x_t, t, clean, flag) - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
+        err = (((denoise(model, x_t, t, clean, flag)[0] - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
         diffusion += (0.5 * (snr_lo - snr_1) * err).unsqueeze(1)
 
     recon = torch.zeros(b, k, dtype=torch.float64)
     for i, lam0 in enumerate(cands):
         x_t, t = _noised(schedule, x0, clean, torch.full((b,), lam0, dtype=torch.float64), generator)
-        logits = model.logits(denoise(model, x_t, t, clean, flag))
+        logits = denoise(model, x_t, t, clean, flag)[1]
         ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
         recon[:, i] = (ce * scored).sum(1).double().cpu()
     return scored.sum(1).double().cpu(), prior, recon, diffusion

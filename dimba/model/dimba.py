@@ -5,7 +5,13 @@
     h = in_proj([x_t, self_cond]) + clean_embedding * clean
     c = TimestepEmbedding(t) + PromptEncoder(x0 at clean positions)
     h = DimbaBlock(h, c) x n_layers  (bidirectional Mamba-2, FiLM/additive modulation)
-    x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
+    x0_head "linear":   x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
+    x0_head "softmax":  logits = out_proj(norm(h)) . table^T;  x0_hat = softmax(logits) @ table
+
+The softmax head (CDCD's "score interpolation", Plaid) states x0_hat as the posterior mean of the token
+embeddings under the model's own token distribution: it lies in the convex hull of the table, and once the model
+is sure of a token it is that token's embedding exactly. A linear head is never exact, and the likelihood bound
+weights its error by SNR, which grows without bound as t -> 0.
 
 Normalised embeddings are what keep the x0-MSE objective from collapsing (free embeddings shrink towards each
 other, which makes the MSE trivially small: Diffusion-LM / DiffuSeq); the CE anchor on the logits keeps them apart.
@@ -37,12 +43,16 @@ class TokenEmbedding(nn.Module):
     def table(self) -> torch.Tensor:
         return F.normalize(self.weight, dim=-1) * self.scale if self.normalize else self.weight
 
-    def forward(self, tokens: torch.Tensor | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
-        """`tokens` (B, L) -> embeddings (B, L, d); or `x` (B, L, d) -> logits x . table^T (B, L, V)."""
+    def forward(self, tokens: torch.Tensor | None = None, x: torch.Tensor | None = None,
+                probs: torch.Tensor | None = None) -> torch.Tensor:
+        """`tokens` (B, L) -> embeddings (B, L, d); `x` (B, L, d) -> logits x . table^T (B, L, V);
+        `probs` (B, L, V) -> expected embedding probs @ table (B, L, d)."""
         table = self.table()
         if tokens is not None:
             emb = F.embedding(tokens, table)
             return emb.masked_fill((tokens == self.pad_id).unsqueeze(-1), 0.0)
+        if probs is not None:
+            return probs @ table.to(probs.dtype)
         return x @ table.to(x.dtype).t()
 
 
@@ -78,9 +88,10 @@ class DimbaModel(nn.Module):
         return self.token_embedding(x=x0_hat).float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
-                self_cond: torch.Tensor | None = None) -> torch.Tensor:
+                self_cond: torch.Tensor | None = None, with_logits: bool = False):
         """x_t (B, L, d_embed) with clean positions holding x0; t (B,) in [0, 1]; clean (B, L) bool;
-        self_cond (B, L, d_embed) or None (= zeros). Returns x0_hat (B, L, d_embed) in float32."""
+        self_cond (B, L, d_embed) or None (= zeros). Returns x0_hat (B, L, d_embed) in float32, or
+        (x0_hat, logits (B, L, V) float32) with `with_logits`: the logits the model's token choice is read from."""
         dtype = self.in_proj.weight.dtype
         inp = x_t
         if self.cfg.self_condition:
@@ -90,4 +101,9 @@ class DimbaModel(nn.Module):
         c = self.time_embedding(t) + self.prompt_encoder(x_t.to(dtype), clean)
         for block in self.blocks:
             h = block(h, c)
-        return self.out_proj(self.norm_f(h)).float()
+        out = self.out_proj(self.norm_f(h)).float()
+        if self.cfg.x0_head == "softmax":
+            logits = self.token_embedding(x=out)
+            x0_hat = self.token_embedding(probs=logits.softmax(-1))
+            return (x0_hat, logits) if with_logits else x0_hat
+        return (out, self.logits(out)) if with_logits else out
