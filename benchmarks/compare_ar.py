@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
 from dimba.evaluation.infill import infill  # noqa: E402
-from dimba.evaluation.judge import SMOLLM2, SmolLM2Judge, generative_perplexity, load_judge  # noqa: E402
+from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound  # noqa: E402
 from dimba.evaluation.prompted import bleu  # noqa: E402
 from dimba.evaluation.speed import time_generation  # noqa: E402
@@ -183,10 +183,10 @@ def _save(report: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _quality(judge, tok, seqs, batch: int, device) -> dict:
+def _quality(judge, tok, seqs, batch: int) -> dict:
     row = text_stats(seqs)
     if judge is not None:
-        row.update(generative_perplexity(judge, tok, seqs, batch, device) or {})
+        row.update(generative_perplexity(judge, tok, seqs, batch) or {})
     return row
 
 
@@ -207,7 +207,7 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
     seqs = val_sequences(shards, tok, seq_len, n)
     todo = [name for name in SECTIONS if (sections is None or name in sections) and name not in report]
     judge = load_judge(judge_spec, device) if judge_spec != "none" and todo else None    # ~15 s: only when used
-    judge_name = judge.name if isinstance(judge, SmolLM2Judge) else judge_spec
+    judge_name = judge.name if judge is not None else judge_spec
     if judge is None and not todo:
         judge_name = report.get("setup", {}).get("judge", judge_spec)     # what the kept sections were scored with
 
@@ -241,8 +241,8 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
                 "ar": {**{k: exact[k] for k in keep}, "ppl": exact["ppl"]}}
 
     def generation():
-        rows = [{"model": "data", "steps": None, **_quality(judge, tok, seqs[:scale.samples].tolist(), scale.gen_batch,
-                                                              device)}]
+        held_out = seqs[:scale.samples].tolist()
+        rows = [{"model": "data", "steps": None, **_quality(judge, tok, held_out, scale.gen_batch)}]
         uncond = [Request(prefix=[], middle_length=seq_len) for _ in range(scale.samples)]
         for kind in KINDS:
             m = models[kind]
@@ -250,7 +250,7 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
                 res, _ = generate(m.model, m.cfg, uncond, replace(m.cfg.sampling, steps=steps), seed=1,
                                   batch_size=scale.gen_batch, device=device)
                 toks = [r.middle for r in res]
-                rows.append({"model": kind, "steps": steps, **_quality(judge, tok, toks, scale.gen_batch, device),
+                rows.append({"model": kind, "steps": steps, **_quality(judge, tok, toks, scale.gen_batch),
                              "examples": [tok.decode(t) for t in toks[:2]]})
                 print(f"[eval]   {kind} T={steps}: entropy {rows[-1]['unigram_entropy_bits']:.2f}, "
                       f"gen-PPL {rows[-1].get('gen_ppl')}", flush=True)
@@ -287,7 +287,7 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
             row = {"model": kind, "guidance": s, "steps": scale.guidance_steps if kind == "dimba" else None,
                    **text_stats(cont), "bleu": bleu([tok.decode(c) for c in cont], truth)}
             if judge is not None:
-                row.update(generative_perplexity(judge, tok, full, scale.gen_batch, device) or {})
+                row.update(generative_perplexity(judge, tok, full, scale.gen_batch) or {})
             row["example"] = {"prompt": tok.decode(requests[0].prefix), "continuation": tok.decode(cont[0])}
             rows.append(row)
             print(f"[eval]   {kind} s={s}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}",
@@ -306,7 +306,7 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
                 res, _ = generate(m.model, m.cfg, uncond, samp, seed=1, batch_size=scale.gen_batch, device=device)
                 toks = [r.middle for r in res]
                 rows.append({"model": kind, "lever": label, "steps": samp.steps if kind == "dimba" else seq_len,
-                             **_quality(judge, tok, toks, scale.gen_batch, device)})
+                             **_quality(judge, tok, toks, scale.gen_batch)})
                 print(f"[eval]   {kind} {label}: entropy {rows[-1]['unigram_entropy_bits']:.2f}, "
                       f"gen-PPL {rows[-1].get('gen_ppl')}", flush=True)
         return rows

@@ -13,7 +13,7 @@ from dimba.data.tokenizer import PAD_ID, Tokenizer, train_tokenizer
 from dimba.diffusion.schedule import NoiseSchedule
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
-from dimba.evaluation.judge import check_judge, generative_perplexity, judge_tokens
+from dimba.evaluation.judge import StackJudge, generative_perplexity, judge_tokens
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, log_snr, t_of_log_snr
 from dimba.evaluation.prompted import bleu, rouge
 from dimba.evaluation.report import plot, scalars, write_json, write_tensorboard
@@ -173,7 +173,7 @@ def loaded(model, tokenizer, kind="ar", shards="data/a") -> LoadedModel:
 
 def test_gen_ppl_of_a_uniform_judge_is_the_vocabulary_size():
     tok = Tokenizer(TOKENIZER)
-    judge = loaded(flat_ar(), tok)
+    judge = StackJudge(loaded(flat_ar(), tok))
     seqs = [tok.encode("It was a dark night."), [PAD_ID] + tok.encode("and a quiet one") + [PAD_ID]]
     assert judge_tokens(tok, tok, seqs)[1] == tok.encode("and a quiet one")      # padding has no text: dropped
     r = generative_perplexity(judge, tok, seqs)
@@ -188,7 +188,7 @@ def test_judge_with_another_tokenizer_scores_re_encoded_text(tmp_path):
     tok = Tokenizer(TOKENIZER)
     text = "Tyger Tyger, burning bright"
     assert judge_tokens(other, tok, [tok.encode(text)]) == [other.encode(text)]
-    r = generative_perplexity(loaded(flat_ar(512), other), tok, [tok.encode(text)])
+    r = generative_perplexity(StackJudge(loaded(flat_ar(512), other)), tok, [tok.encode(text)])
     assert r["judge_tokens"] == len(other.encode(text)) and r["gen_ppl"] == pytest.approx(512, rel=1e-5)
 
 
@@ -197,14 +197,14 @@ def test_check_judge_refuses_a_diffusion_model_and_the_model_itself():
     ar = loaded(flat_ar(), tok)
     dimba = loaded(build_model(ModelConfig(**SMALL)).eval(), tok)
     with pytest.raises(EvalError, match="must be an autoregressive model"):
-        check_judge(dimba, ar)
+        StackJudge(dimba).check(ar)
     twin = loaded(flat_ar(), tok)
     twin.model.load_state_dict(ar.model.state_dict())
     with pytest.raises(EvalError, match="evaluated model itself"):
-        check_judge(twin, ar)
+        StackJudge(twin).check(ar)
     other = loaded(flat_ar(), tok, shards="data/b")                    # fresh random weights: another model
-    assert check_judge(other, ar) == []
-    assert "same shards" in check_judge(loaded(flat_ar(), tok), ar)[0]
+    assert StackJudge(other).check(ar) == []
+    assert "same shards" in StackJudge(loaded(flat_ar(), tok)).check(ar)[0]
 
 
 # ---- report writers ----------------------------------------------------------------------------------------

