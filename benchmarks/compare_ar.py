@@ -15,6 +15,8 @@ Stages, in order (each skipped when its result exists, so re-running continues; 
                parameter count; same steps, micro-batch, ranks and seq_len, hence the same tokens, same shards
   eval         both models (EMA weights), on held-out windows of the val split:
                  likelihood   DIMBA: ELBO upper bound (dimba.evaluation.likelihood); AR: exact NLL -> PPL
+                 context      DIMBA: what its context earns the denoiser at each noise level, against the
+                              exact context-free posterior (dimba.evaluation.context)
                  generation   unconditional samples, DIMBA at each T, AR decode of the same length: unigram
                               entropy, seq-rep-4 and gen-PPL under the judge (default SmolLM2-135M-Instruct Q4_1,
                               an AR model trained on ~2T tokens of other text), beside held-out text's
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
+from dimba.evaluation.context import context_use, unigram_log_prior  # noqa: E402
 from dimba.evaluation.infill import infill  # noqa: E402
 from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound  # noqa: E402
@@ -240,6 +243,12 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
         return {"dimba": {**{k: bound[k] for k in keep}, "ppl": bound["ppl_bound"]},
                 "ar": {**{k: exact[k] for k in keep}, "ppl": exact["ppl"]}}
 
+    def context():
+        d = models["dimba"]
+        prior = unigram_log_prior(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
+        return context_use(d.model, schedule_for(d.cfg), as_batches(seqs[:scale.lik_seqs], 8), d.cfg.model.pad_id,
+                           prior, device=device)
+
     def generation():
         held_out = seqs[:scale.samples].tolist()
         rows = [{"model": "data", "steps": None, **_quality(judge, tok, held_out, scale.gen_batch)}]
@@ -323,8 +332,8 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
                     print(f"[eval]   {kind} T={steps} batch {batch}: {r['latency_s']:.3f} s", flush=True)
         return rows
 
-    for name, fn in (("likelihood", likelihood), ("generation", generation), ("infill", infill_rows),
-                     ("guidance", guidance), ("speed", speed), ("sampling", sampling)):
+    for name, fn in (("likelihood", likelihood), ("context", context), ("generation", generation),
+                     ("infill", infill_rows), ("guidance", guidance), ("speed", speed), ("sampling", sampling)):
         if sections is None or name in sections:
             section(name, fn)
 
@@ -413,6 +422,14 @@ def write_markdown(report: dict, path: Path) -> None:
         md += ["", "## Validation likelihood", ""]
         md += _table(["model", "estimate", "nats/token", "+-", "PPL"],
                      [[k, v["kind"], v["nll_nats_per_token"], v["stderr_nats"], v["ppl"]] for k, v in lik.items()])
+    if "context" in report:
+        md += ["", "## Does DIMBA's denoiser read its context? (token CE in nats at fixed log-SNR)", "",
+               "bayes: the exact posterior of a token from its own noisy vector and the train split's unigram "
+               "prior (no context); shuffled: the model with the positions permuted. context gain = bayes - model "
+               "(<= 0: nothing read from the context); order gain = shuffled - model.", ""]
+        md += _table(["log-SNR", "t", "model", "shuffled", "bayes (no context)", "context gain", "order gain"],
+                     [[r["log_snr"], r["t"], r["model_ce"], r["shuffled_ce"], r["bayes_ce"], r["context_gain"],
+                       r["order_gain"]] for r in report["context"]])
     if "generation" in report:
         md += ["", f"## Unconditional samples ({s['scale']['samples']} x {s['seq_len']} tokens)", ""]
         md += _table(["model", "T", "gen-PPL", "unigram entropy (bits)", "distinct-2", "seq-rep-4"],
@@ -507,7 +524,7 @@ def stage_report(out: Path) -> None:
 
 
 STAGES = ("data", "train-dimba", "train-ar", "eval", "report")
-SECTIONS = ("likelihood", "generation", "infill", "guidance", "speed", "sampling")
+SECTIONS = ("likelihood", "context", "generation", "infill", "guidance", "speed", "sampling")
 
 
 def main() -> int:

@@ -30,6 +30,8 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("dimba", "ar") for b in (1, 4)}
     assert "with_suffix" in report["infill"][0] and "with_suffix" not in report["infill"][-1]
     assert [r["guidance"] for r in report["guidance"]] == [0.0, 1.0, 2.0, None]
+    assert [r["log_snr"] for r in report["context"]] == [-6, -4, -3, -2, -1, 0]
+    assert "## Goals" in (out / "report.md").read_text() and "context gain" in (out / "report.md").read_text()
     assert "## Goals" in (out / "report.md").read_text() and (out / "compare.png").stat().st_size > 10_000
     # a second run finds everything done and only redraws the report
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

@@ -91,6 +91,10 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
     assert lik["at_train_t_min"]["nll_nats_per_token"] >= min(r["nll_nats_per_token"] for r in lik["by_t0"])
     buckets = report["denoising_by_t"]
     assert len(buckets) == 3 and buckets[0]["loss"] < buckets[-1]["loss"]     # less noise, easier denoising
+    ctx = report["context_by_snr"]
+    assert [r["log_snr"] for r in ctx] == [-6, -4, -3, -2, -1, 0] and ctx[0]["model_ce"] > ctx[-1]["model_ce"]
+    assert all(r["bayes_ce"] is not None and r["context_gain"] == pytest.approx(r["bayes_ce"] - r["model_ce"])
+               for r in ctx)
     assert [r["steps"] for r in report["generation"]] == [2, 4] == [r["steps"] for r in report["speed"]]
     for row in report["generation"]:
         assert row["samples"] == 4 and row["length"] == 64 and 0 < row["unigram_entropy_bits"] <= 12
@@ -123,7 +127,7 @@ def test_eval_of_the_ar_twin_reports_its_exact_perplexity(models, tmp_path):
     lik = report["likelihood"]
     assert lik["kind"] == "exact" and lik["tokens"] == 8 * 63
     assert lik["ppl"] == pytest.approx(math.exp(lik["nll_nats_per_token"])) and lik["ppl"] < 4096
-    assert "denoising_by_t" not in report and report["judge"] is None
+    assert "denoising_by_t" not in report and "context_by_snr" not in report and report["judge"] is None
     assert [(r["steps"], r["sampler"]) for r in report["generation"]] == [(64, "ar-recurrent")]
     assert report["prompted"][0]["continuation_len"] == 32 and report["speed"][0]["tokens_per_s"] > 0
     assert "with_suffix" not in report["infill"][0] and report["infill"][0]["prefix_only"]["token_accuracy"] >= 0

@@ -11,6 +11,7 @@ import torch
 from dimba.config.schema import Config, DiffusionConfig, ModelConfig
 from dimba.data.tokenizer import PAD_ID, Tokenizer, train_tokenizer
 from dimba.diffusion.schedule import NoiseSchedule
+from dimba.evaluation.context import context_use, unigram_log_prior
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import StackJudge, generative_perplexity, judge_tokens
@@ -61,6 +62,10 @@ class BayesDenoiser(torch.nn.Module):
         self.cfg = SimpleNamespace(d_embed=d)
         self.self_condition = False
         self.te = TokenEmbedding(vocab, d, PAD_ID)
+
+    @property
+    def token_embedding(self):
+        return self.te
 
     def embed(self, tokens):
         return self.te(tokens=tokens).float()
@@ -146,6 +151,50 @@ def test_loss_by_t_follows_the_noise_level():
     assert rows[-1]["acc"] < 0.4                              # t in [0.8, 1]: the Bayes accuracy, 0.30 (chance 1/8)
     mses = [r["mse"] for r in rows]
     assert mses == sorted(mses)
+
+
+# ---- context use -------------------------------------------------------------------------------------------
+class PoolingDenoiser(BayesDenoiser):
+    """For rows that repeat one token: the exact posterior pools every position's evidence (order-blind)."""
+
+    def forward(self, x_t, t, clean, self_cond=None, with_logits=False):
+        ab = self.schedule.alpha_bar(t.double()).view(-1, 1, 1)
+        table = self.te.table()[1:].double()
+        post = (ab.sqrt() * x_t.double() @ table.t()) / (1 - ab)
+        post = post.sum(1, keepdim=True).expand_as(post)
+        logits = torch.cat([torch.full_like(post[..., :1], -1e9), post], -1).float()
+        return (logits.softmax(-1) @ self.te.table(), logits) if with_logits else logits.softmax(-1) @ self.te.table()
+
+
+def test_context_use_of_exact_denoisers():
+    vocab, d = 9, 16
+    schedule = NoiseSchedule("cosine", True, 1000)
+    prior = torch.full((vocab,), -math.log(vocab - 1))
+    prior[PAD_ID] = -math.inf
+    lams = (-4.0, -2.0, 0.0)
+    # i.i.d. tokens and the position-wise Bayes denoiser: nothing to gain from context, nothing lost
+    rows = context_use(BayesDenoiser(schedule, vocab, d), schedule, uniform_batches(vocab), PAD_ID, prior, lams)
+    assert [r["log_snr"] for r in rows] == list(lams)
+    for r in rows:
+        assert abs(r["context_gain"]) < 1e-3 and abs(r["order_gain"]) < 1e-3, r
+    assert rows[0]["model_ce"] > rows[1]["model_ce"] > rows[2]["model_ce"]
+    # rows of one repeated token, denoised by pooling the whole row: context earns a lot, order nothing
+    g = torch.Generator().manual_seed(2)
+    const = [{"tokens": torch.randint(1, vocab, (8, 1), generator=g).expand(8, 32).clone(),
+              "clean": torch.zeros(8, 32, dtype=torch.bool)}]
+    rows = context_use(PoolingDenoiser(schedule, vocab, d), schedule, const, PAD_ID, prior, lams)
+    assert rows[0]["context_gain"] > 1.0 and rows[1]["context_gain"] > 0.5, rows
+    assert all(abs(r["order_gain"]) < 1e-3 for r in rows)
+    assert context_use(BayesDenoiser(schedule, vocab, d), schedule, const, PAD_ID, None, lams)[0]["bayes_ce"] is None
+
+
+def test_unigram_log_prior_from_shards(bundled_shards):
+    log_p = unigram_log_prior(bundled_shards, 4096, PAD_ID)
+    assert log_p.shape == (4096,) and log_p[PAD_ID] == -math.inf
+    assert float(log_p.double().exp().sum()) == pytest.approx(1.0, abs=1e-4)
+    tok = Tokenizer(TOKENIZER)
+    assert log_p[tok.encode(" the")[-1]] > log_p[tok.encode(" Tyger")[-1]]
+    assert unigram_log_prior(bundled_shards, 4096, PAD_ID, split="nosuchsplit") is None
 
 
 # ---- AR exact NLL and the judge ----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_every_parameter_gets_a_gradient(conditioning, tie):
     assert not missing, f"no gradient for {missing}"
 
 
-@pytest.mark.parametrize("head", ["linear", "softmax"])
+@pytest.mark.parametrize("head", ["linear", "softmax", "posterior"])
 def test_x0_heads(head):
     """linear: logits read x0_hat through the table; softmax: x0_hat is the expected embedding under the logits,
     so it lies in the table's convex hull and becomes a token's embedding exactly when the model is sure."""
@@ -97,6 +97,14 @@ def test_x0_heads(head):
             model.out_proj.bias.copy_(100 * table[7])
         x0_hat, logits = model(x, t, clean, with_logits=True)
         torch.testing.assert_close(x0_hat, table[7].expand_as(x0_hat))
+    if head == "posterior":
+        # network silent: the logits are exactly the context-free posterior's, log prior + c(t) x_t . table^T
+        with torch.no_grad():
+            model.out_proj.bias.zero_()
+            model.prior.copy_(torch.randn(50))
+            model.skip_scale.bias.fill_(1.5)
+        _, logits = model(x, t, clean, with_logits=True)
+        torch.testing.assert_close(logits, model.prior + torch.e ** 1.5 * x @ table.t())
     with pytest.raises(ValueError, match="x0_head"):
         make(x0_head="softmax", tie_embeddings=False)
 

@@ -15,6 +15,9 @@ What the report holds (details in dimba/evaluation/*.py):
                    half the sequences and the bound reported on the other half; also the bound at t0 = t_min.
                    AR twin (model.kind "ar"): exact NLL = mean next-token cross-entropy. Both as nats, bits, PPL.
   denoising_by_t   DIMBA: the training loss (mse, ce, acc) in --t-buckets buckets of t
+  context_by_snr   DIMBA: at log-SNR -6..0, the denoiser's token cross-entropy with the real context, with the
+                   positions shuffled, and the exact context-free posterior's (unigram prior of the train split):
+                   context_gain <= 0 means the model reads nothing from its context
   generation       per --steps value: --samples unconditional samples; unigram entropy, distinct-1..4,
                    repetition rate (seq-rep-4), and gen PPL under --judge
   prompted         per --steps value: --prompts held-out prefixes continued; BLEU (sacrebleu) and ROUGE

@@ -40,8 +40,10 @@ class ModelConfig:
     tie_embeddings: bool = True  # logits = x0_hat . normalised embedding table
     # how the denoiser states x0_hat: "linear" = out_proj's output (logits read it through the table); "softmax" =
     # out_proj's output gives logits, x0_hat = softmax(logits) @ table, a mixture of token embeddings (CDCD's score
-    # interpolation, Plaid), exact once the model is sure of a token, which keeps the likelihood bound finite
-    x0_head: Literal["linear", "softmax"] = "linear"
+    # interpolation, Plaid), exact once the model is sure of a token, which keeps the likelihood bound finite;
+    # "posterior" = softmax plus the context-free posterior's own terms, a learned per-token prior and
+    # c(t) x_t . table^T, so the network only has to add what the context tells (see dimba/model/dimba.py)
+    x0_head: Literal["linear", "softmax", "posterior"] = "linear"
     self_condition: bool = True  # the denoiser takes its previous x0 estimate as an extra input
     # Mamba-2 mixer (same names as mamba_ssm.Mamba2)
     d_state: int = 64
@@ -65,7 +67,7 @@ class ModelConfig:
                 f"model.ngroups ({self.ngroups}) must divide the number of heads ({d_inner // self.headdim})")
         require(self.d_cond >= 0, f"model.d_cond must be >= 0, got {self.d_cond}")
         require(self.x0_head == "linear" or self.tie_embeddings,
-                "model.x0_head 'softmax' needs model.tie_embeddings true (x0_hat is a mixture of the tied table)")
+                f"model.x0_head {self.x0_head!r} needs model.tie_embeddings true (x0_hat is a mixture of the tied table)")
         if self.kind == "ar":
             require(not self.bidirectional, "model.bidirectional must be false when model.kind is 'ar' (it predicts the next token)")
 

@@ -6,6 +6,7 @@
 What is measured, in order:
   likelihood      DIMBA: the ELBO upper bound on NLL per token (likelihood.py); AR twin: its exact NLL
   denoising_by_t  DIMBA only: the training objective's terms per t bucket (denoising.py)
+  context_by_snr  DIMBA only: what the context earns the denoiser at each noise level (context.py)
   reference       text statistics (and gen PPL under the judge) of held-out text of the sample length
   generation      per step count: unconditional samples -> diversity/repetition (textstats.py), gen PPL (judge.py)
   prompted        per step count: held-out prompts continued, BLEU/ROUGE against the truth (prompted.py)
@@ -22,6 +23,7 @@ import torch
 
 from dimba.config.schema import SamplingConfig
 from dimba.diffusion.schedule import NoiseSchedule
+from dimba.evaluation.context import context_use, unigram_log_prior
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import Judge, generative_perplexity
@@ -112,6 +114,11 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
         report["denoising_by_t"] = loss_by_t(model, schedule, cfg.diffusion, batches, cfg.model.pad_id,
                                              opts.t_buckets, opts.seed, device)
         done("denoising_by_t")
+        timed("context_by_snr")
+        prior = unigram_log_prior(shards, cfg.model.vocab_size, cfg.model.pad_id)
+        report["context_by_snr"] = context_use(model, schedule, batches, cfg.model.pad_id, prior, seed=opts.seed,
+                                               device=device)
+        done("context_by_snr")
         step_counts = sorted(set(opts.steps))
     else:
         report["likelihood"] = ar_exact_nll(model, batches, cfg.model.pad_id, device)

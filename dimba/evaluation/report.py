@@ -55,6 +55,10 @@ def scalars(report: dict) -> dict[str, float]:
         out["eval/ppl"] = ppl
     for row in report.get("denoising_by_t") or []:
         out[f"eval/denoise/loss_t{row['t_lo']:.2f}-{row['t_hi']:.2f}"] = row["loss"]
+    for row in report.get("context_by_snr") or []:
+        for k in ("context_gain", "order_gain"):
+            if row.get(k) is not None:
+                out[f"eval/context/{k}_logsnr{row['log_snr']:g}"] = row[k]
     for section, keys in (("generation", GEN_KEYS), ("prompted", PROMPT_KEYS), ("speed", SPEED_KEYS)):
         for row in report.get(section, []):
             for k in keys:

@@ -8,10 +8,19 @@
     x0_head "linear":   x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
     x0_head "softmax":  logits = out_proj(norm(h)) . table^T;  x0_hat = softmax(logits) @ table
 
+    x0_head "posterior": logits = out_proj(norm(h)) . table^T + prior + exp(s(t)) x_t . table^T;  x0_hat as softmax
+
 The softmax head (CDCD's "score interpolation", Plaid) states x0_hat as the posterior mean of the token
 embeddings under the model's own token distribution: it lies in the convex hull of the table, and once the model
 is sure of a token it is that token's embedding exactly. A linear head is never exact, and the likelihood bound
 weights its error by SNR, which grows without bound as t -> 0.
+
+The posterior head adds the two terms of the exact posterior of one token given only its own noisy vector,
+log p(w | x_t) = log p(w) + sqrt(ab) / (1 - ab) x_t . e_w + const (the table's rows all have norm sqrt(d_embed)):
+a learned per-token bias `prior` (V,) and a learned positive scale exp(s(t)) of the time embedding (s starts at
+-4, nearly off). A tied head on normalised embeddings cannot state a unigram prior by itself, and without the
+skip the network must rebuild a token from its own noisy vector at every noise level; with both, the network's
+logits are a correction for what the context adds (the `context_use` diagnostic measures exactly that).
 
 Normalised embeddings are what keep the x0-MSE objective from collapsing (free embeddings shrink towards each
 other, which makes the MSE trivially small: Diffusion-LM / DiffuSeq); the CE anchor on the logits keeps them apart.
@@ -72,6 +81,11 @@ class DimbaModel(nn.Module):
         self.norm_f = RMSNorm(d, cfg.norm_eps)
         self.out_proj = nn.Linear(d, de)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(de, cfg.vocab_size, bias=False)
+        if cfg.x0_head == "posterior":
+            self.prior = nn.Parameter(torch.zeros(cfg.vocab_size))
+            self.skip_scale = nn.Linear(dc, 1)
+            nn.init.zeros_(self.skip_scale.weight)
+            nn.init.constant_(self.skip_scale.bias, -4.0)
 
     @property
     def self_condition(self) -> bool:
@@ -98,12 +112,16 @@ class DimbaModel(nn.Module):
             inp = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond], dim=-1)
         h = self.in_proj(inp.to(dtype))
         h = h + clean.unsqueeze(-1).to(dtype) * self.clean_embedding
-        c = self.time_embedding(t) + self.prompt_encoder(x_t.to(dtype), clean)
+        c_time = self.time_embedding(t)
+        c = c_time + self.prompt_encoder(x_t.to(dtype), clean)
         for block in self.blocks:
             h = block(h, c)
         out = self.out_proj(self.norm_f(h)).float()
-        if self.cfg.x0_head == "softmax":
-            logits = self.token_embedding(x=out)
-            x0_hat = self.token_embedding(probs=logits.softmax(-1))
-            return (x0_hat, logits) if with_logits else x0_hat
-        return (out, self.logits(out)) if with_logits else out
+        if self.cfg.x0_head == "linear":
+            return (out, self.logits(out)) if with_logits else out
+        logits = self.token_embedding(x=out)
+        if self.cfg.x0_head == "posterior":
+            scale = self.skip_scale(c_time).float().clamp_max(30.0).exp().view(-1, 1, 1)
+            logits = logits + self.token_embedding(x=scale * x_t.float()) + self.prior.float()
+        x0_hat = self.token_embedding(probs=logits.softmax(-1))
+        return (x0_hat, logits) if with_logits else x0_hat
