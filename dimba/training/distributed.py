@@ -7,6 +7,7 @@ them from the allocation). A bare `python launch/train.py` is a world of one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -80,7 +81,21 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+        if backend == "gloo":
+            _unlink_shm_buffer(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce gives each rank a 67 MB file /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank> that it never unlinks: every CPU launch left 134 MB of RAM behind (15 GB after a day of tests).
+    Once every rank is past init (the barrier) each has mapped all its peers' files, so the names can go at once;
+    the mappings live until the processes exit, and a killed run leaks nothing."""
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
