@@ -209,9 +209,10 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
     n = max(scale.lik_seqs, scale.samples, scale.prompts)
     seqs = val_sequences(shards, tok, seq_len, n)
     todo = [name for name in SECTIONS if (sections is None or name in sections) and name not in report]
-    judge = load_judge(judge_spec, device) if judge_spec != "none" and todo else None    # ~15 s: only when used
+    judged = [name for name in todo if name in JUDGED]
+    judge = load_judge(judge_spec, device) if judge_spec != "none" and judged else None    # ~15 s: only when used
     judge_name = judge.name if judge is not None else judge_spec
-    if judge is None and not todo:
+    if judge is None and not judged:
         judge_name = report.get("setup", {}).get("judge", judge_spec)     # what the kept sections were scored with
 
     report["setup"] = {
@@ -525,6 +526,7 @@ def stage_report(out: Path) -> None:
 
 STAGES = ("data", "train-dimba", "train-ar", "eval", "report")
 SECTIONS = ("likelihood", "context", "generation", "infill", "guidance", "speed", "sampling")
+JUDGED = ("generation", "guidance", "sampling")          # the sections that score text with the judge
 
 
 def main() -> int:

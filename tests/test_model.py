@@ -1,4 +1,5 @@
 """The DIMBA denoiser: receptive field, conditioning init, gradients, weight layout."""
+import math
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,12 @@ def test_x0_heads(head):
             model.skip_scale.bias.fill_(1.5)
         _, logits = model(x, t, clean, with_logits=True)
         torch.testing.assert_close(logits, model.prior + torch.e ** 1.5 * x @ table.t())
+        log_p = torch.full((50,), -math.log(49.0))
+        log_p[0] = -math.inf
+        model.init_prior(log_p.numpy())
+        assert model.prior[0] == -30.0 and torch.allclose(model.prior[1:], log_p[1:])
+        with pytest.raises(ValueError, match="vocabulary of 50"):
+            model.init_prior(torch.zeros(49))
     with pytest.raises(ValueError, match="x0_head"):
         make(x0_head="softmax", tie_embeddings=False)
 

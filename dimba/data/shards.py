@@ -201,3 +201,29 @@ def read_manifest(directory: str | Path) -> Manifest:
         if s.split not in SPLITS:
             raise DataError(f"{path}: shard {s.name} has split {s.split!r}, expected one of {SPLITS}")
     return Manifest(directory, data, shards)
+
+
+def unigram_log_probs(directory: str | Path, vocab_size: int, pad_id: int, split: str = "train",
+                      max_tokens: int = 50_000_000) -> np.ndarray | None:
+    """log p(w) (vocab_size,) float64 from the token counts of `split`, add-0.5 smoothed, padding -inf (it is
+    never a token of the data); None if the split has no shard. Reads shards in manifest order, stopping after
+    the first one that reaches `max_tokens` (the same shards give the same numbers)."""
+    manifest = read_manifest(directory)
+    infos = manifest.split(split)
+    if not infos:
+        return None
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    seen = 0
+    for info in infos:
+        tokens = read_shard(manifest.directory, info).astype(np.int64)
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise DataError(f"shards {directory} hold token id {int(tokens.max())}, outside the model's vocabulary "
+                            f"of {vocab_size}; shard the text with the model's tokenizer")
+        counts += np.bincount(tokens, minlength=vocab_size)
+        seen += len(tokens)
+        if seen >= max_tokens:
+            break
+    counts += 0.5
+    counts[pad_id] = 0.0
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum())

@@ -19,11 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dimba.data.shards import read_manifest, read_shard
+from dimba.data.shards import unigram_log_probs
 from dimba.diffusion.objective import denoise
 from dimba.diffusion.schedule import NoiseSchedule
 from dimba.evaluation.likelihood import t_of_log_snr
@@ -31,26 +30,11 @@ from dimba.evaluation.likelihood import t_of_log_snr
 LOG_SNRS = (-6.0, -4.0, -3.0, -2.0, -1.0, 0.0)    # the band where a token goes from hidden to readable (d_embed 64)
 
 
-def unigram_log_prior(shards: str | Path, vocab_size: int, pad_id: int, split: str = "train",
-                      max_tokens: int = 50_000_000) -> Optional[torch.Tensor]:
-    """log p(w) (V,) from token counts of `split` (add-0.5 smoothing, padding excluded); None if it has no
-    shard. Reads shards in manifest order until `max_tokens`."""
-    manifest = read_manifest(shards)
-    infos = manifest.split(split)
-    if not infos:
-        return None
-    counts = np.zeros(vocab_size, dtype=np.float64)
-    seen = 0
-    for info in infos:
-        tokens = read_shard(manifest.directory, info).astype(np.int64)
-        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
-        seen += len(tokens)
-        if seen >= max_tokens:
-            break
-    counts += 0.5
-    counts[pad_id] = 0.0
-    log_p = torch.tensor(counts / counts.sum(), dtype=torch.float64).log()      # padding: -inf, never a target
-    return log_p.float()
+def unigram_log_prior(shards: str | Path, vocab_size: int, pad_id: int, split: str = "train") -> Optional[torch.Tensor]:
+    """log p(w) (V,) float32 from the token counts of `split` (dimba.data.shards.unigram_log_probs); None if the
+    split has no shard."""
+    log_p = unigram_log_probs(shards, vocab_size, pad_id, split)
+    return None if log_p is None else torch.from_numpy(log_p).float()
 
 
 @torch.no_grad()

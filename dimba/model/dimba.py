@@ -17,10 +17,11 @@ weights its error by SNR, which grows without bound as t -> 0.
 
 The posterior head adds the two terms of the exact posterior of one token given only its own noisy vector,
 log p(w | x_t) = log p(w) + sqrt(ab) / (1 - ab) x_t . e_w + const (the table's rows all have norm sqrt(d_embed)):
-a learned per-token bias `prior` (V,) and a learned positive scale exp(s(t)) of the time embedding (s starts at
--4, nearly off). A tied head on normalised embeddings cannot state a unigram prior by itself, and without the
-skip the network must rebuild a token from its own noisy vector at every noise level; with both, the network's
-logits are a correction for what the context adds (the `context_use` diagnostic measures exactly that).
+a learned per-token bias `prior` (V,) (training starts it at the train split's unigram log-probabilities,
+`init_prior`) and a learned positive scale exp(s(t)) of the time embedding (s starts at -4, nearly off). A tied
+head on normalised embeddings cannot state a unigram prior by itself, and without the skip the network must
+rebuild a token from its own noisy vector at every noise level; with both, the network's logits are a correction
+for what the context adds (dimba/evaluation/context.py measures exactly that).
 
 Normalised embeddings are what keep the x0-MSE objective from collapsing (free embeddings shrink towards each
 other, which makes the MSE trivially small: Diffusion-LM / DiffuSeq); the CE anchor on the logits keeps them apart.
@@ -86,6 +87,19 @@ class DimbaModel(nn.Module):
             self.skip_scale = nn.Linear(dc, 1)
             nn.init.zeros_(self.skip_scale.weight)
             nn.init.constant_(self.skip_scale.bias, -4.0)
+
+    @torch.no_grad()
+    def init_prior(self, log_probs) -> None:
+        """Start the posterior head's prior at the data's unigram log-probabilities (V,) (-inf entries, such as
+        padding, become -30): Adam moves a bias by about lr per step, far too slowly to learn a prior spanning
+        ~15 nats from zero, and a wrong prior costs every noise level (the context diagnostic shows it)."""
+        if self.cfg.x0_head != "posterior":
+            raise ValueError(f"init_prior needs model.x0_head 'posterior', not {self.cfg.x0_head!r}")
+        log_p = torch.as_tensor(log_probs, dtype=torch.float64).clamp_min(-30.0)
+        if log_p.shape != self.prior.shape:
+            raise ValueError(f"init_prior: {tuple(log_p.shape)} log-probabilities for a vocabulary of "
+                             f"{self.prior.numel()}")
+        self.prior.copy_(log_p.to(self.prior))
 
     @property
     def self_condition(self) -> bool:

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from dimba.config.schema import Config
+from dimba.data.shards import unigram_log_probs
 from dimba.model.build import build_model
 from dimba.training.distributed import DistInfo
 from dimba.training.lr import lr_factor
@@ -80,6 +81,10 @@ def build_engine(cfg: Config, info: DistInfo):
 
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model)
+    if cfg.model.kind == "dimba" and cfg.model.x0_head == "posterior":      # data-dependent init (resume overwrites)
+        log_p = unigram_log_probs(cfg.data.shards, cfg.model.vocab_size, cfg.model.pad_id)
+        if log_p is not None:
+            model.init_prior(log_p)
     bf16 = use_bf16(cfg, info.device)
     model.to(info.device)
     kwargs = {"lr": cfg.training.lr, "betas": tuple(cfg.training.betas), "eps": cfg.training.eps}
