@@ -426,8 +426,9 @@ def write_markdown(report: dict, path: Path) -> None:
     if "context" in report:
         md += ["", "## Does DIMBA's denoiser read its context? (token CE in nats at fixed log-SNR)", "",
                "bayes: the exact posterior of a token from its own noisy vector and the train split's unigram "
-               "prior (no context); shuffled: the model with the positions permuted. context gain = bayes - model "
-               "(<= 0: nothing read from the context); order gain = shuffled - model.", ""]
+               "prior (no context); shuffled: the model with the positions permuted. context gain = bayes - model: "
+               "what the model earns beyond the best context-free guess (< 0: its own token posterior is off by "
+               "more than the context earns it); order gain = shuffled - model: what word order earns it.", ""]
         md += _table(["log-SNR", "t", "model", "shuffled", "bayes (no context)", "context gain", "order gain"],
                      [[r["log_snr"], r["t"], r["model_ce"], r["shuffled_ce"], r["bayes_ce"], r["context_gain"],
                        r["order_gain"]] for r in report["context"]])

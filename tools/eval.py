@@ -17,7 +17,7 @@ What the report holds (details in dimba/evaluation/*.py):
   denoising_by_t   DIMBA: the training loss (mse, ce, acc) in --t-buckets buckets of t
   context_by_snr   DIMBA: at log-SNR -6..0, the denoiser's token cross-entropy with the real context, with the
                    positions shuffled, and the exact context-free posterior's (unigram prior of the train split):
-                   context_gain <= 0 means the model reads nothing from its context
+                   context_gain < 0: the model's own-token posterior is off by more than its context earns
   generation       per --steps value: --samples unconditional samples; unigram entropy, distinct-1..4,
                    repetition rate (seq-rep-4), and gen PPL under --judge
   prompted         per --steps value: --prompts held-out prefixes continued; BLEU (sacrebleu) and ROUGE

@@ -10,9 +10,11 @@ logits (two-pass self-conditioned, as in the likelihood bound) are scored agains
                   split, log p(w | x_t) = log p(w) + sqrt(ab) / (1 - ab) x_t . e_w - ab / (2 (1 - ab)) |e_w|^2
                   + const: the best any denoiser can do without context
 
-context_gain = bayes_ce - model_ce (nats per token) is what the context earns the model at that noise level; the
-continuous-time likelihood bound integrates the same information, so a model whose gain is ~0 at every lambda has
-a bound no better than a unigram model's. order_gain = shuffled_ce - model_ce is the part that needs word order.
+context_gain = bayes_ce - model_ce (nats per token) is what the model earns beyond the best context-free guess at
+that noise level; the continuous-time likelihood bound integrates the same information, so a model whose gain is
+<= 0 at every lambda has a bound no better than a unigram model's. A negative gain means the model's posterior of
+a token from its own vector is off by more than its context earns it. order_gain = shuffled_ce - model_ce is what
+word order earns it.
 """
 from __future__ import annotations
 
