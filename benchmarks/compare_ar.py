@@ -71,6 +71,8 @@ SAMPLING_LEVERS = [("config (ddim, uniform, top_p 0.95)", {}), ("spacing quadrat
                    ("spacing trailing", {"spacing": "trailing"}), ("sampler ddpm", {"sampler": "ddpm"}),
                    ("top_p 1.0", {"top_p": 1.0}), ("temperature 0.8", {"temperature": 0.8}),
                    ("temperature 0.9", {"temperature": 0.9})]
+X0_LEVERS = [("x0 temperature 0.7", {"x0_temperature": 0.7}), ("x0 temperature 0.5", {"x0_temperature": 0.5}),
+             ("x0 temperature 0.3", {"x0_temperature": 0.3})]          # softmax/posterior heads only
 
 
 @dataclass
@@ -307,7 +309,8 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
     def sampling():
         uncond = [Request(prefix=[], middle_length=seq_len) for _ in range(scale.samples)]
         rows = []
-        for label, change in SAMPLING_LEVERS:
+        levers = SAMPLING_LEVERS + (X0_LEVERS if models["dimba"].cfg.model.x0_head != "linear" else [])
+        for label, change in levers:
             for kind in KINDS:
                 if kind == "ar" and not set(change) <= {"temperature", "top_p"}:
                     continue                               # sampler/spacing/T mean nothing to the AR decoder

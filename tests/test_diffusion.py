@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dimba.config import config_from_dict
+from dimba.config.core import ConfigError
 from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
 from dimba.diffusion.sampling import filter_logits, sample
 from dimba.diffusion.schedule import ALPHA_BAR_MIN, NoiseSchedule, timestep_grid
@@ -98,6 +99,29 @@ def test_sampling_is_reproducible_and_keeps_clean_tokens(sampler, precision):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert torch.equal(a[clean], tokens[clean])
+
+
+def test_x0_temperature_reaches_the_model_and_needs_a_softmax_head():
+    sched = NoiseSchedule(num_steps=50)
+    tokens, clean = torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.bool)
+
+    def run(head, temp):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(x0_head=head).model).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "modulation" in name:
+                    p.normal_(0, 0.2)
+        scfg = config_from_dict({"diffusion": {"num_steps": 50},
+                                 "sampling": {"steps": 10, "x0_temperature": temp}}).sampling
+        return sample(model, sched, scfg, 2, 12, tokens, clean, torch.Generator().manual_seed(5))
+
+    assert torch.equal(run("posterior", 1.0), run("posterior", 1.0))
+    assert not torch.equal(run("posterior", 1.0), run("posterior", 0.2))
+    with pytest.raises(ValueError, match="x0_temperature needs model.x0_head"):
+        run("linear", 0.5)
+    with pytest.raises(ConfigError, match="x0_temperature must be > 0"):
+        config_from_dict({"sampling": {"x0_temperature": 0.0}})
 
 
 def test_noise_draws_depend_only_on_the_sample_seed():

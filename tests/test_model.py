@@ -92,6 +92,7 @@ def test_x0_heads(head):
         torch.testing.assert_close(logits, model.logits(x0_hat))
     else:
         torch.testing.assert_close(x0_hat, logits.softmax(-1) @ table)
+        torch.testing.assert_close(model(x, t, clean, x0_temperature=0.5), (logits / 0.5).softmax(-1) @ table)
         assert x0_hat.norm(dim=-1).max() <= table.norm(dim=-1).max() + 1e-4      # inside the hull's ball
         with torch.no_grad():                                                     # a sure model: exact x0
             model.out_proj.weight.zero_()

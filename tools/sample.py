@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--x0-temperature", type=float, default=None,
+                   help="softmax/posterior x0 heads: sharpen (< 1) the x0 estimate at every step")
     p.add_argument("--greedy", action="store_true", help="argmax at the last step")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale for prompted/infilling samples (1: none, >1: closer to the prompt)")
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
         loaded = load_model_dir(args.model, args.device, args.weights)
         overrides = {k: v for k, v in {"steps": args.steps, "sampler": args.sampler, "eta": args.eta,
                                         "spacing": args.spacing, "temperature": args.temperature, "top_k": args.top_k,
-                                        "top_p": args.top_p, "guidance": args.guidance}.items() if v is not None}
+                                        "top_p": args.top_p, "guidance": args.guidance,
+                                        "x0_temperature": args.x0_temperature}.items() if v is not None}
         if args.greedy:
             overrides["greedy"] = True
         sampling = from_dict(SamplingConfig, {**to_dict(loaded.cfg.sampling), **overrides}, "sampling")

@@ -110,6 +110,8 @@ class SamplingConfig:
     top_p: float = 1.0
     greedy: bool = False               # argmax at the final step
     guidance: float = 1.0              # classifier-free guidance scale (1: plain conditional)
+    x0_temperature: float = 1.0        # softmax/posterior x0 heads: x0_hat = softmax(logits / this) @ table at every
+                                       # step (< 1: each step commits more to its likeliest tokens)
     precision: Literal["float32", "float64"] = "float32"
 
     def validate(self) -> None:
@@ -119,6 +121,7 @@ class SamplingConfig:
         require(self.top_k >= 0, f"sampling.top_k must be >= 0, got {self.top_k}")
         require(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
         require(self.guidance >= 0, f"sampling.guidance must be >= 0, got {self.guidance}")
+        require(self.x0_temperature > 0, f"sampling.x0_temperature must be > 0, got {self.x0_temperature}")
 
 
 @dataclass

@@ -77,6 +77,7 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
     x = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
     grid = timestep_grid(schedule.num_steps, cfg.steps, cfg.spacing)
     x0_c = x0_u = x0_hat = None
+    x0_opts = {"x0_temperature": cfg.x0_temperature} if cfg.x0_temperature != 1.0 else {}
     for i, (step_t, step_s) in enumerate(zip(grid[:-1], grid[1:])):
         t = schedule.step_to_t(step_t).to(dt)
         s = schedule.step_to_t(step_s).to(dt)
@@ -86,14 +87,14 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
         if guided:
             sc = torch.cat([x0_c, x0_u]).float() if (model.self_condition and x0_c is not None) else None
             both, both_logits = model(torch.cat([x_c, x]).float(), torch.cat([tb, tb]), torch.cat([clean, none]), sc,
-                                      with_logits=True)
+                                      with_logits=True, **x0_opts)
             x0_c, x0_u = both.to(dt)[:batch_size], both.to(dt)[batch_size:]
             x0_hat = torch.where(keep, x0_u, x0_u + cfg.guidance * (x0_c - x0_u))
             lc, lu = both_logits[:batch_size], both_logits[batch_size:]
             logits = lu + cfg.guidance * (lc - lu)
         else:
             sc = x0_c.float() if (model.self_condition and x0_c is not None) else None
-            x0_c, logits = model(x_c.float(), tb, clean, sc, with_logits=True)
+            x0_c, logits = model(x_c.float(), tb, clean, sc, with_logits=True, **x0_opts)
             x0_c = x0_c.to(dt)
             x0_hat = x0_c
         z = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)

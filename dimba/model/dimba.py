@@ -116,10 +116,11 @@ class DimbaModel(nn.Module):
         return self.token_embedding(x=x0_hat).float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
-                self_cond: torch.Tensor | None = None, with_logits: bool = False):
+                self_cond: torch.Tensor | None = None, with_logits: bool = False, x0_temperature: float = 1.0):
         """x_t (B, L, d_embed) with clean positions holding x0; t (B,) in [0, 1]; clean (B, L) bool;
         self_cond (B, L, d_embed) or None (= zeros). Returns x0_hat (B, L, d_embed) in float32, or
-        (x0_hat, logits (B, L, V) float32) with `with_logits`: the logits the model's token choice is read from."""
+        (x0_hat, logits (B, L, V) float32) with `with_logits`: the logits the model's token choice is read from.
+        `x0_temperature` (softmax/posterior heads, sampling): x0_hat = softmax(logits / x0_temperature) @ table."""
         dtype = self.in_proj.weight.dtype
         inp = x_t
         if self.cfg.self_condition:
@@ -132,10 +133,13 @@ class DimbaModel(nn.Module):
             h = block(h, c)
         out = self.out_proj(self.norm_f(h)).float()
         if self.cfg.x0_head == "linear":
+            if x0_temperature != 1.0:
+                raise ValueError("sampling.x0_temperature needs model.x0_head 'softmax' or 'posterior' (a linear head "
+                                 "states x0_hat directly); leave it at 1")
             return (out, self.logits(out)) if with_logits else out
         logits = self.token_embedding(x=out)
         if self.cfg.x0_head == "posterior":
             scale = self.skip_scale(c_time).float().clamp_max(30.0).exp().view(-1, 1, 1)
             logits = logits + self.token_embedding(x=scale * x_t.float()) + self.prior.float()
-        x0_hat = self.token_embedding(probs=logits.softmax(-1))
+        x0_hat = self.token_embedding(probs=(logits / x0_temperature).softmax(-1))
         return (x0_hat, logits) if with_logits else x0_hat
