@@ -7,7 +7,6 @@
     h = DimbaBlock(h, c) x n_layers  (bidirectional Mamba-2, FiLM/additive modulation)
     x0_head "linear":   x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
     x0_head "softmax":  logits = out_proj(norm(h)) . table^T;  x0_hat = softmax(logits) @ table
-
     x0_head "posterior": logits = out_proj(norm(h)) . table^T + prior + exp(s(t)) x_t . table^T;  x0_hat as softmax
 
 The softmax head (CDCD's "score interpolation", Plaid) states x0_hat as the posterior mean of the token
