@@ -48,7 +48,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
-from dimba.evaluation.context import context_use, unigram_log_prior  # noqa: E402
+from dimba.data.shards import unigram_log_probs  # noqa: E402
+from dimba.evaluation.context import context_use  # noqa: E402
 from dimba.evaluation.infill import infill  # noqa: E402
 from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound  # noqa: E402
@@ -248,7 +249,7 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
 
     def context():
         d = models["dimba"]
-        prior = unigram_log_prior(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
+        prior = unigram_log_probs(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
         return context_use(d.model, schedule_for(d.cfg), as_batches(seqs[:scale.lik_seqs], 8), d.cfg.model.pad_id,
                            prior, device=device)
 

@@ -5,13 +5,16 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from dimba.config.schema import Config, DiffusionConfig, ModelConfig
+from dimba.data.errors import DataError
+from dimba.data.shards import unigram_log_probs
 from dimba.data.tokenizer import PAD_ID, Tokenizer, train_tokenizer
 from dimba.diffusion.schedule import NoiseSchedule
-from dimba.evaluation.context import context_use, unigram_log_prior
+from dimba.evaluation.context import context_use
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import StackJudge, generative_perplexity, judge_tokens
@@ -188,13 +191,15 @@ def test_context_use_of_exact_denoisers():
     assert context_use(BayesDenoiser(schedule, vocab, d), schedule, const, PAD_ID, None, lams)[0]["bayes_ce"] is None
 
 
-def test_unigram_log_prior_from_shards(bundled_shards):
-    log_p = unigram_log_prior(bundled_shards, 4096, PAD_ID)
+def test_unigram_log_probs_from_shards(bundled_shards):
+    log_p = unigram_log_probs(bundled_shards, 4096, PAD_ID)
     assert log_p.shape == (4096,) and log_p[PAD_ID] == -math.inf
-    assert float(log_p.double().exp().sum()) == pytest.approx(1.0, abs=1e-4)
+    assert float(np.exp(log_p).sum()) == pytest.approx(1.0, abs=1e-9)
     tok = Tokenizer(TOKENIZER)
     assert log_p[tok.encode(" the")[-1]] > log_p[tok.encode(" Tyger")[-1]]
-    assert unigram_log_prior(bundled_shards, 4096, PAD_ID, split="nosuchsplit") is None
+    assert unigram_log_probs(bundled_shards, 4096, PAD_ID, split="nosuchsplit") is None
+    with pytest.raises(DataError, match="outside the model's vocabulary of 100"):
+        unigram_log_probs(bundled_shards, 100, PAD_ID)
 
 
 # ---- AR exact NLL and the judge ----------------------------------------------------------------------------

@@ -67,17 +67,18 @@ def noised_input(model, schedule: NoiseSchedule, tokens: torch.Tensor, clean: to
 
 
 def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
-            use_self_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, logits) with self-conditioning on the samples flagged in `use_self_cond` (B,) bool: a first pass without
-    gradient gives the estimate fed to the second pass; unflagged samples get zeros. The first pass runs whenever
-    `use_self_cond` is given, even if no sample is flagged: under ZeRO-3 every rank must run the same forwards
-    (parameters are gathered collectively), and the flags differ between ranks."""
+            use_self_cond: torch.Tensor | None = None, with_logits: bool = True):
+    """(x0_hat, logits), or x0_hat alone without `with_logits`, with self-conditioning on the samples flagged in
+    `use_self_cond` (B,) bool: a first pass without gradient gives the estimate fed to the second pass; unflagged
+    samples get zeros. The first pass runs whenever `use_self_cond` is given, even if no sample is flagged: under
+    ZeRO-3 every rank must run the same forwards (parameters are gathered collectively), and the flags differ
+    between ranks."""
     sc = None
     if model.self_condition and use_self_cond is not None:
         with torch.no_grad():
             first = model(x_t, t, clean, None)
         sc = torch.where(use_self_cond.view(-1, 1, 1), first, torch.zeros_like(first)).detach()
-    return model(x_t, t, clean, sc, with_logits=True)
+    return model(x_t, t, clean, sc, with_logits=with_logits)
 
 
 def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens: torch.Tensor,

@@ -78,7 +78,9 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
     grid = timestep_grid(schedule.num_steps, cfg.steps, cfg.spacing)
     x0_c = x0_u = x0_hat = None
     x0_opts = {"x0_temperature": cfg.x0_temperature} if cfg.x0_temperature != 1.0 else {}
+    last = len(grid) - 2
     for i, (step_t, step_s) in enumerate(zip(grid[:-1], grid[1:])):
+        opts = {**x0_opts, "with_logits": i == last}          # the V-wide logits only where tokens are picked
         t = schedule.step_to_t(step_t).to(dt)
         s = schedule.step_to_t(step_s).to(dt)
         ab_t, ab_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
@@ -86,15 +88,17 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
         x_c = torch.where(keep, x0_clean, x)
         if guided:
             sc = torch.cat([x0_c, x0_u]).float() if (model.self_condition and x0_c is not None) else None
-            both, both_logits = model(torch.cat([x_c, x]).float(), torch.cat([tb, tb]), torch.cat([clean, none]), sc,
-                                      with_logits=True, **x0_opts)
+            out = model(torch.cat([x_c, x]).float(), torch.cat([tb, tb]), torch.cat([clean, none]), sc, **opts)
+            both, both_logits = out if i == last else (out, None)
             x0_c, x0_u = both.to(dt)[:batch_size], both.to(dt)[batch_size:]
             x0_hat = torch.where(keep, x0_u, x0_u + cfg.guidance * (x0_c - x0_u))
-            lc, lu = both_logits[:batch_size], both_logits[batch_size:]
-            logits = lu + cfg.guidance * (lc - lu)
+            if i == last:
+                lc, lu = both_logits[:batch_size], both_logits[batch_size:]
+                logits = lu + cfg.guidance * (lc - lu)
         else:
             sc = x0_c.float() if (model.self_condition and x0_c is not None) else None
-            x0_c, logits = model(x_c.float(), tb, clean, sc, with_logits=True, **x0_opts)
+            out = model(x_c.float(), tb, clean, sc, **opts)
+            x0_c, logits = out if i == last else (out, None)
             x0_c = x0_c.to(dt)
             x0_hat = x0_c
         z = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)

@@ -18,13 +18,11 @@ word order earns it.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from dimba.data.shards import unigram_log_probs
 from dimba.diffusion.objective import denoise
 from dimba.diffusion.schedule import NoiseSchedule
 from dimba.evaluation.likelihood import t_of_log_snr
@@ -32,21 +30,15 @@ from dimba.evaluation.likelihood import t_of_log_snr
 LOG_SNRS = (-6.0, -4.0, -3.0, -2.0, -1.0, 0.0)    # the band where a token goes from hidden to readable (d_embed 64)
 
 
-def unigram_log_prior(shards: str | Path, vocab_size: int, pad_id: int, split: str = "train") -> Optional[torch.Tensor]:
-    """log p(w) (V,) float32 from the token counts of `split` (dimba.data.shards.unigram_log_probs); None if the
-    split has no shard."""
-    log_p = unigram_log_probs(shards, vocab_size, pad_id, split)
-    return None if log_p is None else torch.from_numpy(log_p).float()
-
-
 @torch.no_grad()
 def context_use(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: int,
-                log_prior: Optional[torch.Tensor], log_snrs: Sequence[float] = LOG_SNRS, seed: int = 0,
+                log_prior, log_snrs: Sequence[float] = LOG_SNRS, seed: int = 0,
                 device: torch.device | str = "cpu") -> list[dict]:
-    """One row per lambda in `log_snrs` (see the module doc); `log_prior` None leaves out the Bayes reference."""
+    """One row per lambda in `log_snrs` (see the module doc). `log_prior`: log p(w) (V,), array or tensor, e.g.
+    `dimba.data.shards.unigram_log_probs` of the train split; None leaves out the Bayes reference."""
     batches = list(batches)
     table = model.token_embedding.table().detach().float()
-    prior = log_prior.to(device) if log_prior is not None else None
+    prior = torch.as_tensor(log_prior, dtype=torch.float32, device=device) if log_prior is not None else None
     rows = []
     for lam in log_snrs:
         ab = float(torch.sigmoid(torch.tensor(lam, dtype=torch.float64)))

@@ -22,8 +22,9 @@ from typing import Callable, Optional
 import torch
 
 from dimba.config.schema import SamplingConfig
+from dimba.data.shards import unigram_log_probs
 from dimba.diffusion.schedule import NoiseSchedule
-from dimba.evaluation.context import context_use, unigram_log_prior
+from dimba.evaluation.context import context_use
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import Judge, generative_perplexity
@@ -34,7 +35,6 @@ from dimba.evaluation.speed import time_generation
 from dimba.evaluation.textgen import Request, generate
 from dimba.evaluation.textstats import text_stats
 from dimba.evaluation.valdata import as_batches, val_sequences
-from dimba.model.build import count_parameters
 
 
 @dataclass
@@ -115,7 +115,7 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
                                              opts.t_buckets, opts.seed, device)
         done("denoising_by_t")
         timed("context_by_snr")
-        prior = unigram_log_prior(shards, cfg.model.vocab_size, cfg.model.pad_id)
+        prior = unigram_log_probs(shards, cfg.model.vocab_size, cfg.model.pad_id)
         report["context_by_snr"] = context_use(model, schedule, batches, cfg.model.pad_id, prior, seed=opts.seed,
                                                device=device)
         done("context_by_snr")

@@ -114,14 +114,16 @@ def _batch_terms(model, schedule: NoiseSchedule, tokens, clean, pad_id: int, can
     for j in range(t_samples):                                  # stratified, uniform in log-SNR
         lam = lam_lo + (j + offset) / t_samples * width
         x_t, t = _noised(schedule, x0, clean, lam, generator)
-        err = (((denoise(model, x_t, t, clean, flag)[0] - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
+        x0_hat = denoise(model, x_t, t, clean, flag, with_logits=False)
+        err = (((x0_hat - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
         w = 0.5 * lam.exp() * width / t_samples
         diffusion += (w * err).unsqueeze(1) * (lam.unsqueeze(1) <= cand_t.unsqueeze(0))
     snr_lo = math.exp(lam_lo)
     if snr_lo > snr_1:                                           # the tail, uniform in SNR
         snr = snr_1 + torch.rand(b, generator=generator, dtype=torch.float64) * (snr_lo - snr_1)
         x_t, t = _noised(schedule, x0, clean, snr.log(), generator)
-        err = (((denoise(model, x_t, t, clean, flag)[0] - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
+        x0_hat = denoise(model, x_t, t, clean, flag, with_logits=False)
+        err = (((x0_hat - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
         diffusion += (0.5 * (snr_lo - snr_1) * err).unsqueeze(1)
 
     recon = torch.zeros(b, k, dtype=torch.float64)

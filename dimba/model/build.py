@@ -35,8 +35,8 @@ def mixer_flops_per_token(cfg: ModelConfig) -> float:
 
 def train_flops_per_token(cfg: ModelConfig, self_cond_prob: float = 0.0) -> float:
     """Training FLOPs per token (forward + backward = 3x forward) for MFU. A DIMBA block holds two mixers when
-    bidirectional; the output logits cost 2*d_embed*V (more for the softmax and posterior heads). Self-conditioning adds a forward-only pass on the
-    flagged fraction of the batch (counted at 1x forward)."""
+    bidirectional; the output logits cost 2*d_embed*V (more for the softmax and posterior heads).
+    Self-conditioning adds a forward-only pass on the flagged fraction of the batch (counted at 1x forward)."""
     mixers = cfg.n_layers * (2 if cfg.bidirectional else 1)
     d_out = cfg.d_embed if cfg.kind == "dimba" else cfg.d_model
     fwd = mixers * mixer_flops_per_token(cfg) + 2 * d_out * cfg.vocab_size
