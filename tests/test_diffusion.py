@@ -5,7 +5,7 @@ import torch
 from dimba.config import config_from_dict
 from dimba.config.core import ConfigError
 from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
-from dimba.diffusion.sampling import filter_logits, sample
+from dimba.diffusion.sampling import filter_logits, pick_tokens, sample
 from dimba.diffusion.schedule import ALPHA_BAR_MIN, NoiseSchedule, timestep_grid
 from dimba.model.build import build_model
 
@@ -68,6 +68,27 @@ def test_top_p_keeps_the_smallest_nucleus():
     # temperature does not change which tokens are in top-k
     assert torch.equal(torch.isfinite(filter_logits(logits, temperature=0.3, top_k=2)),
                        torch.isfinite(filter_logits(logits, top_k=2)))
+
+
+def test_pick_tokens_draws_from_the_filtered_softmax():
+    """The device-side inverse-CDF draw: frequencies match the filtered distribution, filtered tokens never come
+    out, the same uniforms give the same tokens, and greedy is the argmax."""
+    logits = torch.tensor([0.5, 0.05, 0.25, 0.15, 0.05]).log()
+    scfg = config_from_dict({"sampling": {"top_p": 0.8, "temperature": 1.0}}).sampling
+    n = 40000
+    tokens = pick_tokens(logits.expand(1, n, 5), scfg, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens.flatten(), minlength=5).double() / n
+    want = torch.tensor([0.5, 0.0, 0.25, 0.15, 0.0]) / 0.9
+    assert (freq - want).abs().max() < 0.01                       # ~4 standard errors
+    assert freq[1] == 0 and freq[4] == 0
+    u = torch.rand(3, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch = torch.randn(3, 7, 11)
+    assert torch.equal(pick_tokens(batch, scfg, uniforms=u), pick_tokens(batch, scfg, uniforms=u))
+    assert torch.equal(pick_tokens(batch, scfg, torch.Generator().manual_seed(1)), pick_tokens(batch, scfg, uniforms=u))
+    edge = pick_tokens(logits.expand(1, 2, 5), scfg, uniforms=torch.tensor([[0.0, 1.0 - 1e-12]]))
+    assert edge.tolist() == [[0, 3]]                                # both ends of the CDF land on kept tokens
+    greedy = config_from_dict({"sampling": {"greedy": True}}).sampling
+    assert torch.equal(pick_tokens(batch, greedy), batch.argmax(-1))
 
 
 def tiny_config(**model):

@@ -10,7 +10,8 @@ The tokens are picked from the last model call's logits (with guidance: lu + s (
 x0 head equals the logits of the guided x0_hat). Clean positions enter every model call as their exact x0 and
 their tokens are returned unchanged.
 The update arithmetic runs in `precision` (float32 or float64); the model runs in its own dtype. All randomness
-comes from one torch.Generator on the CPU, so a seed gives the same tokens bit for bit.
+comes from one torch.Generator on the CPU, so a seed gives the same tokens bit for bit (on another device, up
+to rounding); the final pick runs on the model's device (`pick_tokens`).
 """
 from __future__ import annotations
 
@@ -39,13 +40,27 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """Final logits (B, L, V) -> tokens (B, L): argmax when `greedy`, else a draw from the filtered softmax."""
+def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None,
+                uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Final logits (B, L, V) -> tokens (B, L): argmax when `greedy`, else a draw from the filtered softmax.
+
+    The draw runs where the logits are (a GPU does not ship B x L x V probabilities to the host): inverse-CDF
+    sampling with one uniform per position, `uniforms` (B, L) or drawn here from the CPU `generator`, so a seed
+    gives the same tokens on any device (up to the rounding of the cumulative sums)."""
     if cfg.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float().cpu(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-    flat = torch.multinomial(probs.view(-1, probs.size(-1)), 1, generator=generator)
-    return flat.view(probs.shape[:-1]).to(logits.device)
+    if uniforms is None:
+        if generator is None:
+            raise ValueError("pick_tokens needs a generator or uniforms to draw from")
+        uniforms = torch.rand(logits.shape[:-1], generator=generator, dtype=torch.float64)
+    probs = filter_logits(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+    cdf = probs.cumsum(-1)
+    total = cdf[..., -1:]
+    # first index whose cdf exceeds u * total: a zero-probability token spans an empty interval and never comes
+    # out; the target is kept below the total, which rounding of u * total could otherwise reach
+    target = torch.minimum(uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * total,
+                           torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 @torch.no_grad()
@@ -101,7 +116,10 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
             x0_c, logits = out if i == last else (out, None)
             x0_c = x0_c.to(dt)
             x0_hat = x0_c
-        z = torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
+        # fresh noise only where the update adds some (DDIM with eta 0 is deterministic): on a GPU each draw is
+        # a host-side randn of B x L x d values and a copy
+        z = (torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
+             if cfg.sampler == "ddpm" or cfg.eta > 0 else 0.0)
         if cfg.sampler == "ddim":
             eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
             sigma = cfg.eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).clamp_min(0).sqrt()

@@ -55,13 +55,15 @@ class ARModel(nn.Module):
         if prompt.dim() != 2 or prompt.size(1) < 1:
             raise ValueError("prompt must be (batch, length >= 1); use the BOS id for an empty prompt")
         b = prompt.size(0)
+        # every step's uniforms in one host draw and one copy: no per-token host round trip besides the launches
+        uniforms = torch.rand(length, b, 1, generator=generator, dtype=torch.float64).to(prompt.device)
         caches = [block.mixer.allocate_inference_cache(b) for block in self.blocks]
         out = [prompt]
         logits = None
         for i in range(prompt.size(1)):                    # read the prompt through the recurrent state
             logits = self._step(prompt[:, i], caches)
-        for _ in range(length):
-            nxt = pick_tokens(logits.unsqueeze(1), cfg, generator)[:, 0]
+        for i in range(length):
+            nxt = pick_tokens(logits.unsqueeze(1), cfg, uniforms=uniforms[i])[:, 0]
             out.append(nxt[:, None])
             logits = self._step(nxt, caches)
         return torch.cat(out, dim=1)
