@@ -7,6 +7,7 @@ import torch
 
 from dimba.config import config_from_dict
 from dimba.model.build import build_model, count_parameters
+from dimba.model.mamba2 import Mamba2, fused_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,3 +161,31 @@ def test_ar_twin_has_equal_parameters_and_the_same_backbone():
         assert abs(p_twin / p_dimba - 1) < 0.05
         with torch.device("meta"):
             assert count_parameters(build_model(twin)) == p_twin
+
+
+@pytest.mark.skipif(not fused_available(), reason="needs CUDA and mamba-ssm's Triton kernels (gpu extra)")
+@pytest.mark.parametrize("kind", ["dimba", "ar"])
+def test_models_on_the_fused_path_match_chunked(kind):
+    """Whole models on a GPU: the fused kernels give the chunked path's outputs and gradients."""
+    cfg = make(kind=kind, bidirectional=kind == "dimba", d_model=64, chunk_size=16, mixer_impl="fused").model
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    randomize_zero_init(model)
+    if kind == "dimba":
+        x, t, clean = (a.cuda() for a in inputs(length=40))
+        clean[0, :5] = True
+        run = lambda: model(x, t, clean)            # noqa: E731
+    else:
+        tokens = torch.randint(1, cfg.vocab_size, (2, 40), device="cuda")
+        run = lambda: model(tokens)                  # noqa: E731
+    out = {}
+    for impl in ("fused", "chunked"):
+        for m in model.modules():
+            if isinstance(m, Mamba2):
+                m.impl = impl
+        model.zero_grad()
+        y = run()
+        y.float().square().mean().backward()
+        out[impl] = (y.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    for a, b in zip(out["fused"], out["chunked"]):
+        assert ((a - b).norm() / b.norm()).item() < 1e-3

@@ -7,13 +7,16 @@ single-kernel `use_mem_eff_path` are not supported; `impl` picks how the scan ru
 
 - "sequential": depthwise causal conv + `ssd_sequential` (step-by-step reference, for tests);
 - "chunked":    depthwise causal conv + `ssd_chunked` (pure PyTorch; the CPU path);
-- "fused":      `causal_conv1d_fn` + `mamba_chunk_scan_combined` + Triton gated RMSNorm from the `gpu` extra
-                (mamba-ssm, causal-conv1d), CUDA tensors only;
+- "fused":      `mamba_chunk_scan_combined` + Triton gated RMSNorm from mamba-ssm and `causal_conv1d_fn` from
+                causal-conv1d (the `gpu` extra), CUDA tensors only. The Triton kernels also load from a
+                mamba-ssm built without its CUDA extensions, and without causal-conv1d the conv runs in PyTorch;
 - "auto":       "fused" for CUDA inputs when those kernels import, otherwise "chunked".
 """
 
 import functools
+import importlib.util
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -24,19 +27,42 @@ from dimba.model.ssd import process_dt, ssd_chunked, ssd_sequential
 IMPLS = ("auto", "fused", "chunked", "sequential")
 
 
-@functools.cache
-def _load_fused() -> tuple[tuple | None, str]:
-    """((causal_conv1d_fn, mamba_chunk_scan_combined, rmsnorm_fn), "") or (None, why the import failed).
+def _import_mamba_triton():
+    """mamba-ssm's Mamba-2 Triton kernels (mamba_chunk_scan_combined, gated rmsnorm_fn).
 
-    Imported lazily: `import mamba_ssm` needs CUDA and Triton, and fails on CPU machines.
+    A mamba-ssm installed without its CUDA extensions (MAMBA_SKIP_CUDA_BUILD=TRUE: no long nvcc build) holds
+    them too, but its package __init__ imports the Mamba-1 CUDA module `selective_scan_cuda` and fails. Then the
+    package is registered without running its __init__: the Triton modules need nothing from it.
     """
     try:
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return mamba_chunk_scan_combined, rmsnorm_fn
+
+
+@functools.cache
+def _load_fused() -> tuple[tuple | None, str]:
+    """((causal_conv1d_fn or None, mamba_chunk_scan_combined, rmsnorm_fn), what was loaded) or (None, why not).
+
+    Imported lazily: mamba-ssm needs Triton, and its kernels CUDA. causal-conv1d is optional, as in mamba_ssm's
+    own Mamba2: without it the conv runs in PyTorch (a small part of a layer's time).
+    """
+    try:
+        scan, rmsnorm_fn = _import_mamba_triton()
     except Exception as e:  # ImportError, or a CUDA/Triton error raised while importing
         return None, f"{type(e).__name__}: {e}"
-    return (causal_conv1d_fn, mamba_chunk_scan_combined, rmsnorm_fn), ""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        conv = "causal-conv1d"
+    except Exception as e:
+        causal_conv1d_fn, conv = None, f"PyTorch conv (causal-conv1d: {type(e).__name__}: {e})"
+    return (causal_conv1d_fn, scan, rmsnorm_fn), f"mamba-ssm Triton SSD scan + gated RMSNorm, {conv}"
 
 
 def _fused_kernels() -> tuple | None:
@@ -44,8 +70,15 @@ def _fused_kernels() -> tuple | None:
 
 
 def fused_available() -> bool:
-    """True when CUDA is present and the mamba-ssm / causal-conv1d kernels import."""
+    """True when CUDA is present and mamba-ssm's Triton kernels import."""
     return torch.cuda.is_available() and _fused_kernels() is not None
+
+
+def fused_description() -> str:
+    """What the fused path runs on this machine, or why it cannot run (for logs and benchmark reports)."""
+    if not torch.cuda.is_available():
+        return "no CUDA: the chunked PyTorch scan"
+    return _load_fused()[1]
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -209,7 +242,7 @@ class Mamba2(nn.Module):
             if not u.is_cuda:
                 raise RuntimeError("Mamba2: impl='fused' needs CUDA tensors; use impl='chunked' or 'auto' on CPU")
             if _fused_kernels() is None:
-                raise RuntimeError("Mamba2: impl='fused' needs mamba-ssm and causal-conv1d; install the gpu "
+                raise RuntimeError("Mamba2: impl='fused' needs mamba-ssm's Triton kernels; install the gpu "
                                    f"extra: pip install 'dimba[gpu]' (import failed with {_load_fused()[1]})")
         return self.impl
 
@@ -228,8 +261,11 @@ class Mamba2(nn.Module):
 
         if impl == "fused":
             causal_conv1d_fn, mamba_chunk_scan_combined, rmsnorm_fn = _fused_kernels()
-            xBC = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
-                                   activation="silu").transpose(1, 2)
+            if causal_conv1d_fn is not None:
+                xBC = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
+                                       activation="silu").transpose(1, 2)
+            else:
+                xBC = F.silu(causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias))
             if self.dt_limit != (0.0, float("inf")):
                 scan_kwargs["dt_limit"] = self.dt_limit
             scan = mamba_chunk_scan_combined
