@@ -3,6 +3,7 @@
 
     python benchmarks/bench_train.py                                   # configs/tiny.json on this CPU
     python benchmarks/bench_train.py --config configs/125m.json configs/1b.json --steps 20   # on a GPU
+    python benchmarks/bench_train.py --scale gpu --steps 10 --out probe.json    # compare_ar.py's GPU-scale DIMBA
 
 Times `Trainer.train_step` (micro-batches, backward, DeepSpeed step, EMA) after warm-up steps, on random tokens
 (the loader is benchmarked separately in bench_data.py and is far faster than any step here) or on real shards
@@ -15,13 +16,18 @@ Measured (2-core CPU, fp32, shared machine), configs/tiny.json, micro-batch 16 x
   see the table printed by the command above; numbers go in the closing notes of the issues.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from compare_ar import SCALES  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
 from dimba.training.distributed import init_distributed  # noqa: E402
@@ -102,19 +108,30 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, shards: st
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", nargs="+", default=["configs/tiny.json"])
+    ap.add_argument("--config", nargs="+", default=None, help="configs to time (default configs/tiny.json)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default=None,
+                    help="time a compare_ar.py scale's DIMBA training setup (its config and overrides) instead")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--shards", default=None, help="train on these shards instead of random tokens")
     ap.add_argument("--run-root", default="/tmp/dimba-bench-train")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args()
     info = init_distributed()
-    rows = [bench(c, args.overrides, args.steps, args.warmup, args.shards, info, Path(args.run_root)) for c in args.config]
+    if args.scale:
+        scale = SCALES[args.scale]
+        configs, overrides = [str(ROOT / scale.config)], [*scale.train, *scale.dimba, *args.overrides]
+    else:
+        configs, overrides = args.config or ["configs/tiny.json"], args.overrides
+    rows = [bench(c, overrides, args.steps, args.warmup, args.shards, info, Path(args.run_root)) for c in configs]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     print("\n" + " | ".join(keys))
     for r in rows:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys))
+    if args.out and info.rank == 0:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
     python benchmarks/compare_ar.py --stage report          # redraw the table and the PNG from report.json
 
 Stages, in order (each skipped when its result exists, so re-running continues; training resumes):
-  data         data_prep/shard.py on --corpus (default ../shared/data/gutenberg, else the bundled corpus), with
+  data         data_prep/shard.py on --corpus (default ../shared/data/gutenberg, at the GPU scale with
+               ../shared/data/more too; else the bundled corpus), with
                the committed 4096-piece tokenizer, into OUT/shards (2% of the documents held out as val)
   train-dimba  deepspeed launch/train.py: the scale's DIMBA config (with diffusion.cond_dropout for guidance)
   train-ar     the same command for the AR twin: dimba.model.build.ar_twin picks the depth that equalises the
@@ -33,6 +34,7 @@ Equal tokens: both runs train max_steps x micro-batch x ranks x seq_len tokens. 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -54,7 +56,7 @@ from dimba.evaluation.infill import infill  # noqa: E402
 from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
 from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound  # noqa: E402
 from dimba.evaluation.prompted import bleu  # noqa: E402
-from dimba.evaluation.speed import time_generation  # noqa: E402
+from dimba.evaluation.speed import ar_speedup, speed_rows  # noqa: E402
 from dimba.evaluation.textgen import Request, generate, schedule_for  # noqa: E402
 from dimba.evaluation.textstats import text_stats  # noqa: E402
 from dimba.evaluation.valdata import as_batches, val_sequences  # noqa: E402
@@ -64,6 +66,7 @@ from dimba.training.export import load_model_dir, resolve_checkpoint  # noqa: E4
 
 TOKENIZER = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "gutenberg" / "*.txt"
+SHARED_MORE = ROOT.parent / "shared" / "data" / "more" / "*.txt.gz"     # 31 MB more prose (gzip)
 BUNDLED_CORPUS = ROOT / "data_prep" / "corpus" / "*.txt"
 KINDS = ("dimba", "ar")
 # eval-time levers (no retraining), unconditional samples at the guidance section's T; temperature and top_p rows
@@ -94,6 +97,7 @@ class Scale:
     speed_length: int = 256
     speed_batches: list[int] = field(default_factory=lambda: [1, 64])
     speed_repeats: int = 1
+    more_text: bool = False                # shard ../shared/data/more too (the whole 43 MB corpus)
 
 
 COMMON_EVAL = ["evaluation.sample_every=0", "training.keep_last=1"]
@@ -116,7 +120,7 @@ SCALES = {
                         "evaluation.val_every=1000", "logging.log_every=50",
                         "deepspeed.train_micro_batch_size_per_gpu=64", *COMMON_EVAL],
                  dimba=["diffusion.cond_dropout=0.1"],
-                 samples=64, prompts=64, lik_seqs=256, t_samples=32, gen_batch=64, speed_repeats=5),
+                 samples=64, prompts=64, lik_seqs=256, t_samples=32, gen_batch=64, speed_repeats=5, more_text=True),
     # Every stage at toy size (a minute or two on a CPU): checks the pipeline, measures nothing (tests use it).
     "smoke": Scale(config="configs/tiny.json", ranks=2,
                    train=["training.max_steps=4", "training.warmup_steps=1", "training.checkpoint_every=4",
@@ -131,12 +135,12 @@ SCALES = {
 
 
 # ---- stages: data and training ------------------------------------------------------------------------------
-def stage_data(out: Path, corpus: str) -> None:
+def stage_data(out: Path, corpus: list[str]) -> None:
     shards = out / "shards"
     if (shards / "manifest.json").is_file():
         print(f"[data] {shards} exists")
         return
-    cmd = [sys.executable, str(ROOT / "data_prep" / "shard.py"), "--input", corpus, "--tokenizer", str(TOKENIZER),
+    cmd = [sys.executable, str(ROOT / "data_prep" / "shard.py"), "--input", *corpus, "--tokenizer", str(TOKENIZER),
            "--output", str(shards), "--val-fraction", "0.02", "--shard-tokens", "1000000", "--no-progress"]
     print("[data]", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -326,16 +330,11 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
         return rows
 
     def speed():
-        rows = []
-        for batch in scale.speed_batches:
-            for kind in KINDS:
-                m = models[kind]
-                for steps in (scale.steps if kind == "dimba" else [scale.speed_length]):
-                    samp = replace(m.cfg.sampling, steps=steps) if kind == "dimba" else m.cfg.sampling
-                    r = time_generation(m.model, m.cfg, samp, batch, scale.speed_length, scale.speed_repeats, 0, device)
-                    rows.append({"model": kind, "steps": steps, **r})
-                    print(f"[eval]   {kind} T={steps} batch {batch}: {r['latency_s']:.3f} s", flush=True)
-        return rows
+        on_gpu = torch.device(device).type == "cuda"      # bf16 there, as a GPU user samples; a copy: the
+        pair = {k: (copy.deepcopy(m.model).to(torch.bfloat16) if on_gpu else m.model, m.cfg)   # rest stays fp32
+                for k, m in models.items()}
+        return speed_rows(pair, scale.steps, scale.speed_batches, scale.speed_length, scale.speed_repeats, device,
+                          log=lambda msg: print("[eval]  ", msg, flush=True))
 
     for name, fn in (("likelihood", likelihood), ("context", context), ("generation", generation),
                      ("infill", infill_rows), ("guidance", guidance), ("speed", speed), ("sampling", sampling)):
@@ -464,10 +463,9 @@ def write_markdown(report: dict, path: Path) -> None:
                        r["repetition_rate"]] for r in report["sampling"]])
     if "speed" in report:
         md += ["", "## Generation speed", ""]
-        ar = {r["batch"]: r["latency_s"] for r in report["speed"] if r["model"] == "ar"}
         md += _table(["model", "T", "batch", "tokens", "latency s", "tokens/s", "AR latency / this"],
                      [[r["model"], r["steps"], r["batch"], r["length"], r["latency_s"], r["tokens_per_s"],
-                       ar.get(r["batch"], float("nan")) / r["latency_s"]] for r in report["speed"]])
+                       r["ar_over_this"]] for r in ar_speedup(report["speed"])])
     md += ["", "## Goals", ""]
     md += _table(["goal", "measured", "met"], [[g["goal"], g["value"], "yes" if g["met"] else "no"]
                                                for g in goals(report)])
@@ -546,6 +544,8 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="eval device (default cuda if available)")
     ap.add_argument("--dimba-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra DIMBA training override (a lever to try; use a new --out)")
+    ap.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra training override for both models (e.g. training.max_steps=800: more tokens)")
     ap.add_argument("--ar-from", default=None, metavar="OUT",
                     help="reuse the shards and the trained AR twin of an earlier comparison (links them)")
     ap.add_argument("--sections", default=None, help="eval only these sections, comma-separated "
@@ -555,7 +555,9 @@ def main() -> int:
     if unknown:
         sys.exit(f"--sections: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     scale = SCALES[args.scale]
-    scale = replace(scale, dimba=scale.dimba + args.dimba_set)
+    if args.ar_from and args.train_set:
+        sys.exit("--set changes both models; --ar-from reuses a trained twin: use --dimba-set, or train both afresh")
+    scale = replace(scale, train=scale.train + args.train_set, dimba=scale.dimba + args.dimba_set)
     out = Path(args.out or ROOT / "runs" / f"compare-{args.scale}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.ar_from:
@@ -565,7 +567,12 @@ def main() -> int:
                 sys.exit(f"--ar-from {args.ar_from}: no {name}/ there; run the full comparison into it first")
             if not dst.exists():
                 dst.symlink_to(src)
-    corpus = args.corpus or str(SHARED_CORPUS if SHARED_CORPUS.parent.is_dir() else BUNDLED_CORPUS)
+    if args.corpus:
+        corpus = [args.corpus]
+    elif SHARED_CORPUS.parent.is_dir():
+        corpus = [str(SHARED_CORPUS)] + ([str(SHARED_MORE)] if scale.more_text else [])
+    else:
+        corpus = [str(BUNDLED_CORPUS)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:

@@ -65,3 +65,33 @@ def test_goals(kwargs, met):
     got = compare_ar.goals(report(**kwargs))
     assert [g["met"] for g in got] == met
     assert "T=128" not in got[1]["value"]                     # T > 64 never counts for the gen-PPL goal
+
+
+def test_bench_generate_times_both_models_at_a_scale(tmp_path):
+    """The speed half without training (benchmarks/bench_generate.py): DIMBA at each T and the AR twin, at each
+    batch size, with the AR-over-DIMBA latency ratio the speed goal reads."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "benchmarks/bench_generate.py", "--scale", "smoke", "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["model"], r["steps"], r["batch"]) for r in rows] == [
+        (m, t, b) for b in (1, 4) for m, t in (("dimba", 2), ("dimba", 4), ("ar", 32))]
+    assert all(r["length"] == 32 and r["latency_s"] > 0 for r in rows)
+    assert all(r["ar_over_this"] == 1.0 for r in rows if r["model"] == "ar")
+    assert result["setup"]["fp32_matmul_gflops"] > 0 and result["setup"]["layers"]["dimba"] == 1
+    assert "AR latency / this" in proc.stdout
+
+
+def test_set_changes_both_models_and_refuses_a_reused_twin(tmp_path):
+    (tmp_path / "old" / "shards").mkdir(parents=True)
+    (tmp_path / "old" / "ar").mkdir()
+    cmd = [sys.executable, "benchmarks/compare_ar.py", "--scale", "smoke", "--out", str(tmp_path / "new"),
+           "--ar-from", str(tmp_path / "old"), "--set", "training.max_steps=8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--set changes both models" in proc.stderr
+    scale = compare_ar.replace(compare_ar.SCALES["smoke"], train=compare_ar.SCALES["smoke"].train + ["training.max_steps=8"])
+    for kind in ("dimba", "ar"):
+        cfg = compare_ar.load_config(ROOT / scale.config, compare_ar.train_overrides(scale, tmp_path, kind))
+        assert cfg.training.max_steps == 8

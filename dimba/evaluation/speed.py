@@ -42,3 +42,25 @@ def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, lengt
     latency = statistics.median(times)
     return {"batch": batch_size, "length": length, "repeats": repeats, "latency_s": latency,
             "latency_min_s": min(times), "tokens_per_s": batch_size * length / latency, "device": str(device)}
+
+
+def speed_rows(models: dict, dimba_steps: list[int], batches: list[int], length: int, repeats: int = 3,
+               device: torch.device | str = "cpu", log=print) -> list[dict]:
+    """The speed comparison: for each batch size, DIMBA at each number of steps T and the AR twin decoding the same
+    `length` tokens. `models` maps 'dimba' / 'ar' to (model, cfg); rows carry model and steps (AR: `length`)."""
+    rows = []
+    for batch in batches:
+        for kind, (model, cfg) in models.items():
+            for steps in (dimba_steps if cfg.model.kind == "dimba" else [length]):
+                samp = replace(cfg.sampling, steps=steps) if cfg.model.kind == "dimba" else cfg.sampling
+                r = time_generation(model, cfg, samp, batch, length, repeats, 0, device)
+                rows.append({"model": kind, "steps": steps, **r})
+                log(f"[speed] {kind} T={steps} batch {batch}: {r['latency_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s")
+    return rows
+
+
+def ar_speedup(rows: list[dict]) -> list[dict]:
+    """Each row with `ar_over_this`: the AR twin's latency at the same batch size over this row's."""
+    ar = {r["batch"]: r["latency_s"] for r in rows if r["model"] == "ar"}
+    return [{**r, "ar_over_this": ar[r["batch"]] / r["latency_s"] if r["batch"] in ar else float("nan")}
+            for r in rows]
