@@ -265,3 +265,30 @@ def test_fused_matches_chunked_forward_and_backward(dtype):
     assert rel_err(gf, gc) < tol
     for name in pf:
         assert rel_err(pf[name], pc[name]) < 3 * tol, name
+
+
+@needs_fused
+@pytest.mark.parametrize("rmsnorm", [True, False])
+def test_fused_step_matches_the_pytorch_step(rmsnorm):
+    """Decoding on the fused path (selective_state_update) gives the PyTorch step's outputs and states, and the
+    full-sequence forward's outputs; the states passed in are left untouched."""
+    torch.manual_seed(0)
+    m = Mamba2(d_model=64, d_state=32, headdim=16, ngroups=2, chunk_size=32, rmsnorm=rmsnorm, device="cuda",
+               impl="fused")
+    u = torch.randn(2, 20, 64, device="cuda")
+    outs = {}
+    for impl in ("fused", "chunked"):
+        m.impl = impl
+        conv, ssm = m.allocate_inference_cache(2)
+        ys = []
+        for i in range(20):
+            before = ssm.clone()
+            y, conv, new_ssm = m.step(u[:, i], conv, ssm)
+            assert torch.equal(ssm, before)
+            ys.append(y)
+            ssm = new_ssm
+        outs[impl] = (torch.stack(ys, 1), ssm)
+    assert rel_err(outs["fused"][0], outs["chunked"][0]) < 1e-3
+    assert rel_err(outs["fused"][1], outs["chunked"][1]) < 1e-3
+    m.impl = "fused"
+    assert rel_err(outs["fused"][0], m(u)) < 1e-3

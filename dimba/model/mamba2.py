@@ -28,7 +28,8 @@ IMPLS = ("auto", "fused", "chunked", "sequential")
 
 
 def _import_mamba_triton():
-    """mamba-ssm's Mamba-2 Triton kernels (mamba_chunk_scan_combined, gated rmsnorm_fn).
+    """mamba-ssm's Mamba-2 Triton kernels (mamba_chunk_scan_combined, gated rmsnorm_fn, the decoding step's
+    selective_state_update).
 
     A mamba-ssm installed without its CUDA extensions (MAMBA_SKIP_CUDA_BUILD=TRUE: no long nvcc build) holds
     them too, but its package __init__ imports the Mamba-1 CUDA module `selective_scan_cuda` and fails. Then the
@@ -42,19 +43,21 @@ def _import_mamba_triton():
             raise
         sys.modules["mamba_ssm"] = importlib.util.module_from_spec(spec)
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    return mamba_chunk_scan_combined, rmsnorm_fn
+    return mamba_chunk_scan_combined, rmsnorm_fn, selective_state_update
 
 
 @functools.cache
 def _load_fused() -> tuple[tuple | None, str]:
-    """((causal_conv1d_fn or None, mamba_chunk_scan_combined, rmsnorm_fn), what was loaded) or (None, why not).
+    """((causal_conv1d_fn or None, mamba_chunk_scan_combined, rmsnorm_fn, selective_state_update), what was
+    loaded) or (None, why not).
 
     Imported lazily: mamba-ssm needs Triton, and its kernels CUDA. causal-conv1d is optional, as in mamba_ssm's
     own Mamba2: without it the conv runs in PyTorch (a small part of a layer's time).
     """
     try:
-        scan, rmsnorm_fn = _import_mamba_triton()
+        scan, rmsnorm_fn, state_update = _import_mamba_triton()
     except Exception as e:  # ImportError, or a CUDA/Triton error raised while importing
         return None, f"{type(e).__name__}: {e}"
     try:
@@ -62,7 +65,8 @@ def _load_fused() -> tuple[tuple | None, str]:
         conv = "causal-conv1d"
     except Exception as e:
         causal_conv1d_fn, conv = None, f"PyTorch conv (causal-conv1d: {type(e).__name__}: {e})"
-    return (causal_conv1d_fn, scan, rmsnorm_fn), f"mamba-ssm Triton SSD scan + gated RMSNorm, {conv}"
+    return ((causal_conv1d_fn, scan, rmsnorm_fn, state_update),
+            f"mamba-ssm Triton SSD scan, gated RMSNorm and decoding step, {conv}")
 
 
 def _fused_kernels() -> tuple | None:
@@ -260,7 +264,7 @@ class Mamba2(nn.Module):
         scan_kwargs = dict(D=self._D(), dt_bias=self.dt_bias, dt_softplus=True)
 
         if impl == "fused":
-            causal_conv1d_fn, mamba_chunk_scan_combined, rmsnorm_fn = _fused_kernels()
+            causal_conv1d_fn, mamba_chunk_scan_combined, rmsnorm_fn, _ = _fused_kernels()
             if causal_conv1d_fn is not None:
                 xBC = causal_conv1d_fn(xBC.transpose(1, 2), self.conv1d.weight.squeeze(1), bias=self.conv1d.bias,
                                        activation="silu").transpose(1, 2)
@@ -304,11 +308,14 @@ class Mamba2(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token: u_t (batch, d_model) -> (y_t (batch, d_model), new conv_state, new ssm_state).
 
-        Pure PyTorch, constant memory. Returns new state tensors and leaves the given ones untouched
-        (use the returned ones), so it works under autograd and torch.compile.
+        Constant memory. Returns new state tensors and leaves the given ones untouched (use the returned ones), so
+        it works under autograd and torch.compile. On the fused path (CUDA, mamba-ssm importable) the SSM update
+        is mamba-ssm's one-kernel `selective_state_update` (on a copy of the state), as in mamba_ssm's Mamba2.step;
+        otherwise, and with a dt_limit (which that kernel lacks), PyTorch.
         """
         if u_t.dim() != 2 or u_t.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2.step: input must be (batch, d_model={self.d_model}), got {tuple(u_t.shape)}")
+        fused = self._resolve_impl(u_t) == "fused" and self.dt_limit == (0.0, float("inf"))
         z0, x0, z, xBC, dt = self._split_in_proj(self.in_proj(u_t))
 
         # Depthwise causal conv over the last d_conv inputs.
@@ -318,6 +325,8 @@ class Mamba2(nn.Module):
             xBC = xBC + self.conv1d.bias
         xBC = F.silu(xBC)
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        if fused:
+            return self._fused_step(x, B, C, dt, z, z0, x0, conv_state, ssm_state)
 
         # SSM recurrence in the state's dtype (float32 or wider).
         sdt = torch.promote_types(ssm_state.dtype, torch.float32)
@@ -336,3 +345,18 @@ class Mamba2(nn.Module):
             y = y * F.silu(z.to(sdt).unflatten(-1, (self.nheads, self.headdim)))
         y = y.flatten(-2).to(u_t.dtype)
         return self._finish(y, z, z0, x0), conv_state, state.to(ssm_state.dtype)
+
+    def _fused_step(self, x, B, C, dt, z, z0, x0, conv_state, ssm_state):
+        """The SSM update of `step` in one Triton kernel. Per-head A, dt, dt_bias and D enter as stride-0 views
+        over headdim (and A over d_state), the layout the kernel's tied-head fast path reads."""
+        state_update = _fused_kernels()[3]
+        p, n = self.headdim, self.d_state
+        A = -torch.exp(self.A_log.float())[:, None, None].expand(self.nheads, p, n)
+        D = self._D()
+        D = D[:, None].expand(self.nheads, p) if D.dim() == 1 else D
+        state = ssm_state.clone()
+        y = state_update(state, x.unflatten(-1, (self.nheads, p)), dt[..., None].expand(-1, -1, p), A,
+                         B.unflatten(-1, (self.ngroups, n)), C.unflatten(-1, (self.ngroups, n)), D,
+                         z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, p)),
+                         dt_bias=self.dt_bias[:, None].expand(self.nheads, p), dt_softplus=True)
+        return self._finish(y.flatten(-2), z, z0, x0), conv_state, state
