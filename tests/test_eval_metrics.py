@@ -211,6 +211,21 @@ def flat_ar(vocab: int = 4096) -> torch.nn.Module:
     return model
 
 
+def test_val_sequences_are_spread_over_the_whole_val_split(bundled_shards):
+    """Every k-th window of the val loader, not its first ones (the split is in file order)."""
+    from dimba.config.schema import CleanMaskConfig, DataConfig
+    from dimba.data.loader import TokenLoader
+    from dimba.evaluation.valdata import val_sequences
+    tok = Tokenizer(Path(__file__).resolve().parents[1] / "data_prep" / "tokenizer" / "tokenizer.model")
+    cfg = DataConfig(shards=str(bundled_shards), seq_len=64, num_workers=0, clean=CleanMaskConfig(none=1.0))
+    every = torch.stack([b["tokens"][0] for b in TokenLoader(cfg, split="val", batch_size=1)])
+    assert len(every) > 40
+    picked = val_sequences(bundled_shards, tok, 64, 5)
+    k = len(every) // 5
+    assert torch.equal(picked, every[::k][:5]) and k > 1
+    assert torch.equal(val_sequences(bundled_shards, tok, 64, 10_000), every)      # more asked than there are
+
+
 def test_ar_exact_nll_of_a_uniform_model_is_log_v():
     batches = [{"tokens": torch.randint(4, 4096, (3, 20)), "clean": torch.zeros(3, 20, dtype=torch.bool)}]
     r = ar_exact_nll(flat_ar(), batches, PAD_ID)

@@ -2,7 +2,7 @@
 
 Sequences come from the same loader as training's validation (`TokenLoader(split="val")`: one pass in file
 order, no shuffling, so the same shards give the same sequences every time), cut at the model's seq_len, with
-no clean positions (every token is scored).
+no clean positions (every token is scored), and spread evenly over the split.
 """
 from __future__ import annotations
 
@@ -32,16 +32,23 @@ def check_shards_match(shards: str | Path, tokenizer) -> None:
 
 
 def val_sequences(shards: str | Path, tokenizer, seq_len: int, count: int) -> torch.Tensor:
-    """Up to `count` val sequences of `seq_len` tokens, (N, seq_len) int64; fewer if the val split is smaller."""
+    """Up to `count` val sequences of `seq_len` tokens, (N, seq_len) int64; fewer if the val split is smaller.
+
+    The windows are spread evenly over the whole val split (every k-th window, k = the split's windows / count),
+    not its first `count`: the split is in file order, so its first windows come from the first few documents
+    (measured: an AR model scored PPL 86 on the first 64 windows of 128 tokens and 46 on all 512)."""
     check_shards_match(shards, tokenizer)
+    val_tokens = sum(info.tokens for info in read_manifest(shards).split("val"))
+    stride = max(1, val_tokens // seq_len // max(count, 1))   # the loader yields at least val_tokens // seq_len
     cfg = DataConfig(shards=str(shards), seq_len=seq_len, num_workers=0, clean=CleanMaskConfig(none=1.0))
     try:
         loader = TokenLoader(cfg, split="val", batch_size=1)
         rows = []
-        for batch in loader:
-            rows.append(batch["tokens"][0])
-            if len(rows) >= count:
-                break
+        for i, batch in enumerate(loader):
+            if i % stride == 0:
+                rows.append(batch["tokens"][0])
+                if len(rows) >= count:
+                    break
     except DataError as e:
         raise EvalError(f"--data {shards}: {e}") from None
     if not rows:
