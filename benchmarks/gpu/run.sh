@@ -2,18 +2,18 @@
 # What only a GPU answers, in one call of the device tool (a lease is 15 minutes in all, start included).
 #
 #   here first:  bash benchmarks/gpu/prepare.sh        (wheels -> .whl/, GPU-scale shards -> runs/compare-gpu/shards)
-#   device run:  bash benchmarks/gpu/run.sh check      carry [".whl"]                       about 4-5 minutes
+#   device run:  bash benchmarks/gpu/run.sh check      carry [".whl"]             at most 9.5 minutes (limits)
 #                bash benchmarks/gpu/run.sh compare S  carry [".whl", "runs/compare-gpu/shards"]
 #                                                      S seconds of DIMBA training, as many steps for the AR twin;
-#                                                      about 2 S + 3 minutes in all
+#                                                      at most 2 S + 6.5 minutes (limits): S <= 120
 #
 # check:   1 install the carried wheels; the GPU, torch and what the fused mixer path runs on
 #          2 the CUDA-only tests: fused Mamba-2 vs mamba_ssm's module and vs the chunked scan (forward, backward,
 #            fp32/bf16), whole DIMBA and AR models on the fused path
 #          3 the speed goal: benchmarks/bench_generate.py --scale gpu (DIMBA T = 8..128 vs AR decode of 256
 #            tokens, batch 1 and 64, bf16, random init: latency does not depend on the weights)
-#          4 benchmarks/bench_mixer.py --device cuda (fused vs chunked mixer, tokens/s, MFU)
-#          5 benchmarks/bench_train.py: the GPU-scale DIMBA and configs/125m.json through DeepSpeed (tokens/s, MFU)
+#          4 benchmarks/bench_train.py: the GPU-scale DIMBA and configs/125m.json through DeepSpeed (tokens/s, MFU)
+#          5 benchmarks/bench_mixer.py --device cuda (fused vs chunked mixer, tokens/s, MFU)
 # compare: benchmarks/compare_ar.py --scale gpu --judge none, its steps fitted to S from a throughput probe;
 #          likelihood, context, generation (entropy; gen-PPL needs the judge, which is not on the image) and speed
 #
@@ -67,14 +67,15 @@ else   # a dry run of the script's plumbing on a CPU machine
 fi
 
 if [ "$MODE" = check ]; then
-  step tests 240 $PY -m pytest -q -p no:cacheprovider -rs tests/test_mamba2.py tests/test_model.py -k "fused or mamba_ssm"
-  step speed 300 $PY benchmarks/bench_generate.py "${GEN[@]}" --repeats 3 --out "$OUT/speed.json"
-  step mixer 120 $PY benchmarks/bench_mixer.py "${MIXER[@]}"
-  step train-gpu-scale 150 $PY benchmarks/bench_train.py "${PROBE[@]}" --steps 10 --out "$OUT/train-gpu-scale.json"
-  step train-125m 150 $PY benchmarks/bench_train.py "${TRAIN125[@]}" --steps 5 --out "$OUT/train-125m.json"
+  # the limits add up to 560 s, inside one 600 s device call; what a killed step printed stays in log.txt
+  step tests 120 $PY -m pytest -q -p no:cacheprovider -rs tests/test_mamba2.py tests/test_model.py -k "fused or mamba_ssm"
+  step speed 180 $PY benchmarks/bench_generate.py "${GEN[@]}" --repeats 3 --out "$OUT/speed.json"
+  step train-gpu-scale 90 $PY benchmarks/bench_train.py "${PROBE[@]}" --steps 10 --out "$OUT/train-gpu-scale.json"
+  step train-125m 90 $PY benchmarks/bench_train.py "${TRAIN125[@]}" --steps 5 --out "$OUT/train-125m.json"
+  step mixer 80 $PY benchmarks/bench_mixer.py "${MIXER[@]}"      # prints row by row; compiling is last
 elif [ "$MODE" = compare ]; then
   SCALE=gpu; [ "$GPU" = 1 ] || SCALE=smoke
-  step probe 150 $PY benchmarks/bench_train.py --scale $SCALE --steps 10 --out "$OUT/probe.json"
+  step probe 90 $PY benchmarks/bench_train.py --scale $SCALE --steps 10 --out "$OUT/probe.json"
   STEPS=$($PY -c "import json; r = json.load(open('$OUT/probe.json'))[0]; print(max(20, int($BUDGET / r['step_s'])))") \
     || { echo "no throughput probe: not starting the comparison"; exit 1; }
   echo "fitting $BUDGET s of DIMBA training: $STEPS steps for each model"
