@@ -20,7 +20,8 @@ TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "mode
         "--set", "data.seq_len=64", "--set", "deepspeed.train_micro_batch_size_per_gpu=4",
         "--set", "deepspeed.zero_optimization.stage=2", "--set", "training.warmup_steps=2",
         "--set", "evaluation.val_every=5", "--set", "evaluation.val_batches=2", "--set", "evaluation.sample_every=0",
-        "--set", "logging.log_every=1", "--set", "data.num_workers=1"]
+        "--set", "logging.log_every=1", "--set", "data.num_workers=1",
+        "--set", "diffusion.time_warp=learned"]   # stateful: exact resume must restore it (power warp for 2 steps)
 MAX_STEPS = 10
 
 
@@ -70,6 +71,9 @@ def test_run_finishes_checkpoints_and_keeps_the_last_k(uninterrupted):
     assert list((uninterrupted / "tb").glob("events.out.tfevents.*"))
     rows = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert any("val/loss" in r for r in rows) and any("grad_norm" in r for r in rows)
+    warp = json.loads((uninterrupted / "time_warp.json").read_text())
+    assert warp["active"] and warp["steps"] == MAX_STEPS and len(warp["ce_curve"]) == len(warp["density"]) == 64
+    assert any("time_warp/t_median" in r for r in rows)
     first, last = losses_by_step(uninterrupted)[1][0], losses_by_step(uninterrupted)[MAX_STEPS][0]
     assert last < first
 

@@ -88,6 +88,8 @@ class DiffusionConfig:
     t_min: float = 1e-3                # training draws t in [t_min, 1] ...
     t_power: float = 1.0               # ... as t = t_min + (1 - t_min) * u ** t_power, u ~ U(0, 1): a fixed time warp;
                                        # < 1 puts more samples at high noise, where text diffusion learns the most
+    time_warp: Literal["power", "learned"] = "power"   # learned: t drawn with density ~ dCE/dt, fitted to the loss
+                                       # during training (CDCD; dimba/diffusion/timewarp.py); t_power until warmup ends
 
     def validate(self) -> None:
         require(self.num_steps >= 1, f"diffusion.num_steps must be >= 1, got {self.num_steps}")
@@ -97,6 +99,8 @@ class DiffusionConfig:
         require(0 <= self.cond_dropout < 1, f"diffusion.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         require(0 <= self.t_min < 1, f"diffusion.t_min must be in [0, 1), got {self.t_min}")
         require(self.t_power > 0, f"diffusion.t_power must be > 0, got {self.t_power}")
+        require(self.time_warp in ("power", "learned"),
+                f"diffusion.time_warp must be 'power' or 'learned', got {self.time_warp!r}")
 
 
 @dataclass

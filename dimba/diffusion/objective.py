@@ -42,13 +42,14 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 
 
 def draw_noise(cfg: DiffusionConfig, seeds: list[int], seq_len: int, d_embed: int,
-               device: torch.device | str = "cpu") -> NoiseDraw:
-    """Per-sample randomness from per-sample seeds (drawn on the CPU, so it is the same on any device)."""
+               device: torch.device | str = "cpu", warp=None) -> NoiseDraw:
+    """Per-sample randomness from per-sample seeds (drawn on the CPU, so it is the same on any device). `warp`
+    (a LearnedTimeWarp, training only) maps the time uniform to t instead of the power warp."""
     t, noise, sc, drop = [], [], [], []
     for s in seeds:
         g = torch.Generator().manual_seed(s)
         u = torch.rand(3, generator=g, dtype=torch.float64)
-        t.append(cfg.t_min + (1 - cfg.t_min) * u[0].item() ** cfg.t_power)
+        t.append(warp.t_of_u(u[0].item()) if warp is not None else cfg.t_min + (1 - cfg.t_min) * u[0].item() ** cfg.t_power)
         sc.append(bool(u[1].item() < cfg.self_cond_prob))
         drop.append(bool(u[2].item() < cfg.cond_dropout))
         noise.append(torch.randn(seq_len, d_embed, generator=g))
@@ -84,7 +85,8 @@ def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
 def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens: torch.Tensor,
                    clean: torch.Tensor, draw: NoiseDraw, pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns (loss, terms). `terms` holds detached scalars: loss, mse, ce, acc (argmax accuracy of x0_hat),
-    and the number of scored tokens."""
+    and the number of scored tokens; and, per sample (B,), "ce_sum" (summed token CE) and "n" (scored tokens),
+    which a learned time warp reads (callers that average `terms` pop them first)."""
     clean = clean & ~draw.drop_cond.unsqueeze(-1)
     x0, x_t = noised_input(model, schedule, tokens, clean, draw.t, draw.noise)
     x0_hat, logits = denoise(model, x_t, draw.t, clean, draw.self_cond if cfg.self_cond_prob > 0 else None)
@@ -96,5 +98,6 @@ def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens:
     loss = cfg.mse_weight * mse + cfg.ce_weight * ce
     with torch.no_grad():
         acc = ((logits.argmax(-1) == tokens).float() * scored).sum() / n
-    terms = {"loss": loss.detach(), "mse": mse.detach(), "ce": ce.detach(), "acc": acc, "tokens": scored.sum()}
+    terms = {"loss": loss.detach(), "mse": mse.detach(), "ce": ce.detach(), "acc": acc, "tokens": scored.sum(),
+             "ce_sum": (ce_tok * scored).sum(-1).detach(), "n": scored.sum(-1)}
     return loss, terms

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from dimba.config.schema import Config, save_config
 from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
 from dimba.diffusion.schedule import NoiseSchedule
+from dimba.diffusion.timewarp import LearnedTimeWarp
 from dimba.training import checkpoint as ckpt
 from dimba.training.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from dimba.training.ema import EMA
@@ -28,8 +29,9 @@ from dimba.data.tokenizer import BOS_ID
 from dimba.model.ar import ar_loss
 from dimba.model.build import count_parameters, train_flops_per_token
 
-VAL_SEED_OFFSET = 7_777_777
-IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)   # validation noise seeds are fixed per val sample, independent of the step
+VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
+PER_SAMPLE = ("t", "ce_sum", "n")   # per-sample loss terms (for the time warp), not averaged into the logs
+IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
 
 
 class TrainingStopped(RuntimeError):
@@ -43,6 +45,9 @@ class Trainer:
         self.loader, self.val_loader, self.tokenizer = loader, val_loader, tokenizer
         self.schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
         self.engine, self.model = build_engine(cfg, info)
+        d = cfg.diffusion
+        self.warp = (LearnedTimeWarp(d.t_min, d.t_power, start_step=cfg.training.warmup_steps)
+                     if d.time_warp == "learned" and cfg.model.kind == "dimba" else None)
         self.ema = EMA(self.model, cfg.training.ema_decay, cfg.zero_stage) if cfg.training.ema_decay > 0 else None
         self.writer = MetricsWriter(self.run_dir, info.is_main, cfg.logging.tensorboard)
         self.stop = stop if stop is not None else StopFlag()
@@ -63,13 +68,16 @@ class Trainer:
         return {"step": self.step, "micro_index": self.micro_index, "tokens_seen": self.tokens_seen,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                 "world_size": self.info.world_size, "loader": loader_states, "config": self.cfg.to_dict(),
-                "ema_updates": self.ema.num_updates if self.ema is not None else 0}
+                "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+                "time_warp": self.warp.state_dict() if self.warp is not None else None}
 
     def save(self) -> Path:
         state = self.client_state()
         ema = self.ema.full_state_dict() if self.ema is not None else None
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.step, state, ema, self.cfg.training.keep_last,
                                     self.info.rank)
+        if self.warp is not None and self.info.is_main:
+            ckpt._atomic_write(self.run_dir / "time_warp.json", json.dumps(self.warp.summary()) + "\n")
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -99,6 +107,11 @@ class Trainer:
         if self.ema is not None and ema is not None:
             self.ema.load_full_state_dict(ema)
             self.ema.num_updates = state["ema_updates"]
+        if self.warp is not None:
+            if state.get("time_warp") is None:
+                raise TrainingStopped(f"checkpoint {path} was trained without diffusion.time_warp 'learned'; "
+                                      "resume it with the time warp it was trained with, or use a new --run-dir")
+            self.warp.load_state_dict(state["time_warp"])
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
@@ -112,20 +125,24 @@ class Trainer:
             self._it = iter(self.loader)
         return self._it
 
-    def loss(self, batch: dict, seed: int, first_index: int) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch; sample i's noise comes from (seed, first_index + i) only."""
+    def loss(self, batch: dict, seed: int, first_index: int, warp=None) -> tuple[torch.Tensor, dict]:
+        """Loss of one micro-batch; sample i's noise comes from (seed, first_index + i) only (and the state of
+        `warp`, a learned time warp, when given). Diffusion terms keep their per-sample "t", "ce_sum" and "n"."""
         tokens = batch["tokens"].to(self.info.device)
         if self.cfg.model.kind == "ar":
             return ar_loss(self.model, tokens, self.cfg.model.pad_id)
         clean = batch["clean"].to(self.info.device)
         b, length = tokens.shape
         seeds = [sample_seed(seed, 0, first_index + i) for i in range(b)]
-        draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device)
-        return diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw, self.cfg.model.pad_id)
+        draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device, warp)
+        loss, terms = diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw,
+                                     self.cfg.model.pad_id)
+        return loss, {**terms, "t": draw.t}
 
     def micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         b = batch["tokens"].shape[0]
-        return self.loss(batch, self.cfg.training.seed, (self.micro_index * self.info.world_size + self.info.rank) * b)
+        return self.loss(batch, self.cfg.training.seed, (self.micro_index * self.info.world_size + self.info.rank) * b,
+                         self.warp)
 
     def train_step(self) -> Optional[dict]:
         """Run micro-batches until one optimizer step is done; returns averaged terms (None if stopped early)."""
@@ -144,6 +161,9 @@ class Trainer:
                     return None
                 continue
             self.nonfinite_run = 0
+            per_sample = {k: terms.pop(k) for k in PER_SAMPLE if k in terms}
+            if self.warp is not None:
+                self.warp.observe(per_sample["t"], per_sample["ce_sum"], per_sample["n"])
             self.engine.backward(loss)
             self.engine.step()
             done += 1
@@ -155,6 +175,8 @@ class Trainer:
         self.tokens_seen += self.cfg.grad_accum * self.cfg.micro_batch_size * self.cfg.data.seq_len * self.info.world_size
         if self.ema is not None:
             self.ema.update()
+        if self.warp is not None:
+            self.warp.update(self.info.device)      # collective: every rank refits the same curve
         # agree on the stop flag once more after the step (a signal may have come during the last micro-batch)
         self.stop.requested = bool(all_reduce_max([float(self.stop.requested)], self.info.device)[0])
         return {k: v / self.cfg.grad_accum for k, v in sums.items()}
@@ -176,7 +198,9 @@ class Trainer:
                     break
                 b = batch["tokens"].shape[0]
                 _, terms = self.loss(batch, self.cfg.training.seed + VAL_SEED_OFFSET,
-                                     (i * self.info.world_size + self.info.rank) * b)
+                                     (i * self.info.world_size + self.info.rank) * b)   # power warp: comparable
+                for k in PER_SAMPLE:
+                    terms.pop(k, None)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
@@ -255,6 +279,8 @@ class Trainer:
                 gn = self.engine.get_global_grad_norm()
                 if gn is not None:
                     extra["grad_norm"] = float(gn)
+                if self.warp is not None:
+                    extra["time_warp/t_median"] = self.warp.t_of_u(0.5)
                 if self.peak:
                     extra["mfu"] = self.flops_per_token * per_rank / self.peak
                 if torch.cuda.is_available():
