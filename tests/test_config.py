@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"training": {"lr": "fast"}}, "training.lr must be a number"),
     ({"training": {"lr": -1}}, "training.lr must be > 0"),
     ({"model": {"conditioning": "concat"}}, "model.conditioning must be one of 'film', 'additive'"),
+    ({"diffusion": {"time_warp": "cdcd"}}, "diffusion.time_warp must be one of 'power', 'learned'"),
     ({"model": {"d_model": 100, "headdim": 64}}, "must be a multiple of model.headdim"),
     ({"model": {"kind": "ar"}}, "model.bidirectional must be false"),
     ({"data": {"clean": {"none": 0.5}}}, "must sum to 1"),

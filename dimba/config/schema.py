@@ -99,8 +99,6 @@ class DiffusionConfig:
         require(0 <= self.cond_dropout < 1, f"diffusion.cond_dropout must be in [0, 1), got {self.cond_dropout}")
         require(0 <= self.t_min < 1, f"diffusion.t_min must be in [0, 1), got {self.t_min}")
         require(self.t_power > 0, f"diffusion.t_power must be > 0, got {self.t_power}")
-        require(self.time_warp in ("power", "learned"),
-                f"diffusion.time_warp must be 'power' or 'learned', got {self.time_warp!r}")
 
 
 @dataclass
