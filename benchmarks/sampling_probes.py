@@ -1,0 +1,129 @@
+"""Sampling-time levers that are experiments, not shipped options: re-run the rows of benchmarks/levers.md's
+"Sampling-time levers" table on a trained comparison (its DIMBA model, shards and the judge).
+
+    python benchmarks/sampling_probes.py runs/compare-cpu-2x --probe clamp-argmax --steps 16,32,64
+
+Probes (all on the unconditional generation rows of compare_ar.py: 32 samples of seq_len tokens, seed 1):
+  none                 the model's own sampling config (the report's rows)
+  warped[:MIX]         steps uniform in the model's own CE curve (CDCD's warped sampling time): CE by t measured
+                       with dimba.evaluation.denoising.loss_by_t (25 buckets, the first 32 of the comparison's 64
+                       likelihood windows), made monotone;
+                       MIX of uniform t mixed in (default 0)
+  clamp-argmax[:T]     Diffusion-LM's clamping: x0_hat <- embedding of its argmax token at every step with t < T
+                       (default: every step)
+  clamp-sample         x0_hat <- embedding of a token drawn from its logits, every step
+  clamp-mean           x0_hat <- softmax(logits) @ table (posterior mean under the linear head's logits), every step
+The warped grid replaces dimba.diffusion.sampling.timestep_grid for the run; the clamps wrap the model. Prints one
+line per T: gen-PPL under the judge and unigram entropy (bits).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import compare_ar  # noqa: E402
+import dimba.diffusion.sampling as sampling  # noqa: E402
+from dimba.diffusion.timewarp import isotonic  # noqa: E402
+from dimba.evaluation.denoising import loss_by_t  # noqa: E402
+from dimba.evaluation.judge import load_judge  # noqa: E402
+from dimba.evaluation.textgen import Request, generate, schedule_for  # noqa: E402
+from dimba.evaluation.valdata import val_sequences  # noqa: E402
+from dimba.training.export import load_model_dir  # noqa: E402
+
+CURVE_BUCKETS, CURVE_WINDOWS, LIK_WINDOWS = 25, 32, 64
+
+
+class ClampedDenoiser(torch.nn.Module):
+    """The DIMBA model with its x0 estimate replaced by a token-level one below t < `below`."""
+
+    def __init__(self, model, mode: str, below: float = 2.0, seed: int = 5):
+        super().__init__()
+        self.inner, self.cfg, self.mode, self.below = model, model.cfg, mode, below
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def self_condition(self) -> bool:
+        return self.inner.self_condition
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed(tokens)
+
+    def forward(self, x_t, t, clean, self_cond=None, with_logits=False, **opts):
+        x0, logits = self.inner(x_t, t, clean, self_cond, with_logits=True, **opts)
+        if float(t[0]) < self.below:
+            if self.mode == "argmax":
+                x0 = self.inner.embed(logits.argmax(-1))
+            elif self.mode == "sample":
+                probs = logits.softmax(-1)
+                idx = torch.multinomial(probs.view(-1, probs.size(-1)).cpu(), 1, generator=self.generator)
+                x0 = self.inner.embed(idx.view(probs.shape[:-1]).to(logits.device))
+            else:
+                x0 = self.inner.token_embedding(probs=logits.softmax(-1))
+        return (x0, logits) if with_logits else x0
+
+
+def warped_grid_fn(model, cfg, shards: Path, tok, mix: float):
+    """A timestep_grid replacement: steps uniform in the normalised, monotone CE-by-t curve of `model`."""
+    seq_len = cfg.data.seq_len
+    seqs = val_sequences(shards, tok, seq_len, LIK_WINDOWS)[:CURVE_WINDOWS]   # the likelihood section's first 32
+    batches = [{"tokens": torch.as_tensor(seqs[i:i + 8]), "clean": torch.zeros(len(seqs[i:i + 8]), seq_len,
+                                                                                 dtype=torch.bool)}
+               for i in range(0, len(seqs), 8)]
+    rows = loss_by_t(model, schedule_for(cfg), cfg.diffusion, batches, cfg.model.pad_id, buckets=CURVE_BUCKETS)
+    fit = isotonic([r["ce"] for r in rows], [1.0] * len(rows))
+    print("CE by t:", " ".join(f"{(r['t_lo'] + r['t_hi']) / 2:.2f}:{c:.2f}" for r, c in zip(rows, fit)))
+    edges = [fit[0]] + [(a + b) / 2 for a, b in zip(fit, fit[1:])] + [fit[-1]]
+    cdf = [(e - edges[0]) / max(edges[-1] - edges[0], 1e-12) for e in edges]
+    t_edges = [r["t_lo"] for r in rows] + [rows[-1]["t_hi"]]
+
+    def t_of(f: float) -> float:
+        for k in range(len(rows)):
+            if cdf[k + 1] >= f and cdf[k + 1] > cdf[k]:
+                return t_edges[k] + (t_edges[k + 1] - t_edges[k]) * (f - cdf[k]) / (cdf[k + 1] - cdf[k])
+        return 1.0
+
+    def grid(num_steps: int, steps: int, spacing: str = "uniform") -> list[int]:
+        g = [round(num_steps * ((1 - mix) * t_of(1 - i / steps) + mix * (1 - i / steps))) for i in range(steps + 1)]
+        g[0], g[-1] = num_steps, 0
+        for i in range(steps - 1, -1, -1):          # strictly decreasing, as timestep_grid guarantees
+            g[i] = max(g[i], g[i + 1] + 1)
+        return g
+    return grid
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="a compare_ar.py output folder (its dimba/ run and shards/)")
+    ap.add_argument("--probe", default="none")
+    ap.add_argument("--steps", default="16,32,64")
+    ap.add_argument("--judge", default="smollm2", help="as compare_ar.py's --judge ('none': entropy only)")
+    ap.add_argument("--samples", type=int, default=32)
+    args = ap.parse_args()
+    loaded = load_model_dir(args.out / "dimba")
+    cfg, tok, model = loaded.cfg, loaded.tokenizer, loaded.model
+    name, _, arg = args.probe.partition(":")
+    if name == "warped":
+        sampling.timestep_grid = warped_grid_fn(model, cfg, args.out / "shards", tok, float(arg or 0.0))
+    elif name.startswith("clamp-"):
+        model = ClampedDenoiser(model, name.removeprefix("clamp-"), float(arg) if arg else 2.0)
+    elif name != "none":
+        raise SystemExit(f"unknown probe {args.probe!r}; see --help")
+    judge = load_judge(args.judge, "cpu") if args.judge != "none" else None
+    uncond = [Request(prefix=[], middle_length=cfg.data.seq_len) for _ in range(args.samples)]
+    for steps in [int(s) for s in args.steps.split(",")]:
+        res, _ = generate(model, cfg, uncond, replace(cfg.sampling, steps=steps), seed=1, batch_size=args.samples)
+        q = compare_ar._quality(judge, tok, [r.middle for r in res], args.samples)
+        print(f"{args.probe} T={steps}: gen-PPL {q.get('gen_ppl', float('nan')):.0f} at "
+              f"{q['unigram_entropy_bits']:.2f} bits", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
