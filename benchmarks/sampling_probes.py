@@ -7,7 +7,7 @@ Probes (all on the unconditional generation rows of compare_ar.py: 32 samples of
   none                 the model's own sampling config (the report's rows)
   warped[:MIX]         steps uniform in the model's own CE curve (CDCD's warped sampling time): CE by t measured
                        with dimba.evaluation.denoising.loss_by_t (25 buckets, the first 32 of the comparison's 64
-                       likelihood windows), made monotone;
+                       likelihood windows), fitted and inverted by dimba.diffusion.timewarp.LearnedTimeWarp;
                        MIX of uniform t mixed in (default 0)
   clamp-argmax[:T]     Diffusion-LM's clamping: x0_hat <- embedding of its argmax token at every step with t < T
                        (default: every step)
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import compare_ar  # noqa: E402
 import dimba.diffusion.sampling as sampling  # noqa: E402
-from dimba.diffusion.timewarp import isotonic  # noqa: E402
+from dimba.diffusion.timewarp import LearnedTimeWarp  # noqa: E402
 from dimba.evaluation.denoising import loss_by_t  # noqa: E402
 from dimba.evaluation.judge import load_judge  # noqa: E402
 from dimba.evaluation.textgen import Request, generate, schedule_for  # noqa: E402
@@ -70,27 +70,26 @@ class ClampedDenoiser(torch.nn.Module):
 
 
 def warped_grid_fn(model, cfg, shards: Path, tok, mix: float):
-    """A timestep_grid replacement: steps uniform in the normalised, monotone CE-by-t curve of `model`."""
+    """A timestep_grid replacement: steps uniform in the normalised, monotone CE-by-t curve of `model`. The curve
+    is fitted and inverted by the training-time LearnedTimeWarp (its bins are loss_by_t's equal buckets of t), with
+    no uniform floor: F^-1(1 - i / steps)."""
     seq_len = cfg.data.seq_len
     seqs = val_sequences(shards, tok, seq_len, LIK_WINDOWS)[:CURVE_WINDOWS]   # the likelihood section's first 32
     batches = [{"tokens": torch.as_tensor(seqs[i:i + 8]), "clean": torch.zeros(len(seqs[i:i + 8]), seq_len,
                                                                                  dtype=torch.bool)}
                for i in range(0, len(seqs), 8)]
     rows = loss_by_t(model, schedule_for(cfg), cfg.diffusion, batches, cfg.model.pad_id, buckets=CURVE_BUCKETS)
-    fit = isotonic([r["ce"] for r in rows], [1.0] * len(rows))
-    print("CE by t:", " ".join(f"{(r['t_lo'] + r['t_hi']) / 2:.2f}:{c:.2f}" for r, c in zip(rows, fit)))
-    edges = [fit[0]] + [(a + b) / 2 for a, b in zip(fit, fit[1:])] + [fit[-1]]
-    cdf = [(e - edges[0]) / max(edges[-1] - edges[0], 1e-12) for e in edges]
-    t_edges = [r["t_lo"] for r in rows] + [rows[-1]["t_hi"]]
-
-    def t_of(f: float) -> float:
-        for k in range(len(rows)):
-            if cdf[k + 1] >= f and cdf[k + 1] > cdf[k]:
-                return t_edges[k] + (t_edges[k + 1] - t_edges[k]) * (f - cdf[k]) / (cdf[k + 1] - cdf[k])
-        return 1.0
+    d = cfg.diffusion
+    warp = LearnedTimeWarp(d.t_min, d.t_power, start_step=0, bins=CURVE_BUCKETS, floor=0.0)
+    mid = torch.tensor([(r["t_lo"] + r["t_hi"]) / 2 for r in rows])
+    tokens = torch.tensor([float(r["tokens"]) for r in rows])
+    warp.observe(mid, torch.tensor([r["ce"] for r in rows]) * tokens, tokens)
+    warp.update()
+    print("CE by t:", " ".join(f"{t:.2f}:{c:.2f}" for t, c in zip(mid.tolist(), warp.curve())))
 
     def grid(num_steps: int, steps: int, spacing: str = "uniform") -> list[int]:
-        g = [round(num_steps * ((1 - mix) * t_of(1 - i / steps) + mix * (1 - i / steps))) for i in range(steps + 1)]
+        g = [round(num_steps * ((1 - mix) * warp.t_of_u(1 - i / steps) + mix * (1 - i / steps)))
+             for i in range(steps + 1)]
         g[0], g[-1] = num_steps, 0
         for i in range(steps - 1, -1, -1):          # strictly decreasing, as timestep_grid guarantees
             g[i] = max(g[i], g[i + 1] + 1)

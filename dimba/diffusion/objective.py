@@ -25,6 +25,9 @@ from dimba.config.schema import DiffusionConfig
 from dimba.diffusion.schedule import NoiseSchedule
 
 
+PER_SAMPLE_TERMS = ("t", "ce_sum", "n")   # diffusion_loss terms of shape (B,), not scalars to average
+
+
 @dataclass
 class NoiseDraw:
     t: torch.Tensor            # (B,) float32 in [t_min, 1]
@@ -85,8 +88,8 @@ def denoise(model, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
 def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens: torch.Tensor,
                    clean: torch.Tensor, draw: NoiseDraw, pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns (loss, terms). `terms` holds detached scalars: loss, mse, ce, acc (argmax accuracy of x0_hat),
-    and the number of scored tokens; and, per sample (B,), "ce_sum" (summed token CE) and "n" (scored tokens),
-    which a learned time warp reads (callers that average `terms` pop them first)."""
+    and the number of scored tokens; and, per sample (B,), "t", "ce_sum" (summed token CE) and "n" (scored
+    tokens), which a learned time warp reads (callers that average `terms` pop them first: PER_SAMPLE_TERMS)."""
     clean = clean & ~draw.drop_cond.unsqueeze(-1)
     x0, x_t = noised_input(model, schedule, tokens, clean, draw.t, draw.noise)
     x0_hat, logits = denoise(model, x_t, draw.t, clean, draw.self_cond if cfg.self_cond_prob > 0 else None)
@@ -99,5 +102,5 @@ def diffusion_loss(model, schedule: NoiseSchedule, cfg: DiffusionConfig, tokens:
     with torch.no_grad():
         acc = ((logits.argmax(-1) == tokens).float() * scored).sum() / n
     terms = {"loss": loss.detach(), "mse": mse.detach(), "ce": ce.detach(), "acc": acc, "tokens": scored.sum(),
-             "ce_sum": (ce_tok * scored).sum(-1).detach(), "n": scored.sum(-1)}
+             "t": draw.t, "ce_sum": (ce_tok * scored).sum(-1).detach(), "n": scored.sum(-1)}
     return loss, terms

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dimba.config.schema import Config, save_config
-from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
+from dimba.diffusion.objective import PER_SAMPLE_TERMS, diffusion_loss, draw_noise, sample_seed
 from dimba.diffusion.schedule import NoiseSchedule
 from dimba.diffusion.timewarp import LearnedTimeWarp
 from dimba.training import checkpoint as ckpt
@@ -30,7 +30,6 @@ from dimba.model.ar import ar_loss
 from dimba.model.build import count_parameters, train_flops_per_token
 
 VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
-PER_SAMPLE = ("t", "ce_sum", "n")   # per-sample loss terms (for the time warp), not averaged into the logs
 IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
 
 
@@ -127,7 +126,7 @@ class Trainer:
 
     def loss(self, batch: dict, seed: int, first_index: int, warp=None) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch; sample i's noise comes from (seed, first_index + i) only (and the state of
-        `warp`, a learned time warp, when given). Diffusion terms keep their per-sample "t", "ce_sum" and "n"."""
+        `warp`, a learned time warp, when given). Diffusion terms include the per-sample PER_SAMPLE_TERMS."""
         tokens = batch["tokens"].to(self.info.device)
         if self.cfg.model.kind == "ar":
             return ar_loss(self.model, tokens, self.cfg.model.pad_id)
@@ -135,9 +134,7 @@ class Trainer:
         b, length = tokens.shape
         seeds = [sample_seed(seed, 0, first_index + i) for i in range(b)]
         draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device, warp)
-        loss, terms = diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw,
-                                     self.cfg.model.pad_id)
-        return loss, {**terms, "t": draw.t}
+        return diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw, self.cfg.model.pad_id)
 
     def micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         b = batch["tokens"].shape[0]
@@ -161,7 +158,7 @@ class Trainer:
                     return None
                 continue
             self.nonfinite_run = 0
-            per_sample = {k: terms.pop(k) for k in PER_SAMPLE if k in terms}
+            per_sample = {k: terms.pop(k) for k in PER_SAMPLE_TERMS if k in terms}
             if self.warp is not None:
                 self.warp.observe(per_sample["t"], per_sample["ce_sum"], per_sample["n"])
             self.engine.backward(loss)
@@ -199,7 +196,7 @@ class Trainer:
                 b = batch["tokens"].shape[0]
                 _, terms = self.loss(batch, self.cfg.training.seed + VAL_SEED_OFFSET,
                                      (i * self.info.world_size + self.info.rank) * b)   # power warp: comparable
-                for k in PER_SAMPLE:
+                for k in PER_SAMPLE_TERMS:
                     terms.pop(k, None)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
