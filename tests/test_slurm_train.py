@@ -128,7 +128,7 @@ def test_time_limit_signal_saves_and_requeues(slurm_cluster: SlurmCluster, slurm
                  "training.checkpoint_every=100", "training.keep_last=3", "data.seq_len=64",
                  "deepspeed.train_micro_batch_size_per_gpu=8"]
     job = submit_train(slurm_cluster, run_dir, overrides, "--time=1", "--signal=USR1@50")
-    state = slurm_cluster.wait(job, timeout=300)
+    state = slurm_cluster.wait(job, timeout=480)   # ~150 s alone; twice that on loaded cores
     log = job_log(run_dir)
     assert state == "COMPLETED", log
     stops = [int(s) for s in re.findall(r"stopping at step (\d+) on SIGUSR1", log)]
