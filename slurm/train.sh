@@ -81,7 +81,12 @@ echo "[train.sh] training exited with code $rc, state '$state', $(date -Is)"
 
 # 138/143: a rank died of SIGUSR1/SIGTERM itself, i.e. the signal came before training could catch it
 # (during start-up). Nothing new was saved, but the job is still being stopped: requeue, and resume from the
-# newest complete checkpoint.
+# newest complete checkpoint. A run whose status says 'finished' saved its last step: a signal after that
+# (the time-limit warning landing as the ranks exit) does not undo it.
+if [ "$state" = finished ] && { [ "$rc" -eq 138 ] || [ "$rc" -eq 143 ]; }; then
+  echo "[train.sh] a stop signal reached the ranks after the run finished (exit code $rc); nothing to resume"
+  rc=0
+fi
 if { [ "$rc" -eq 0 ] && [ "$state" = interrupted ]; } || [ "$rc" -eq 138 ] || [ "$rc" -eq 143 ]; then
   if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
     die "interrupted after $RESTARTS restarts (MAX_REQUEUES=$MAX_REQUEUES); not requeueing. Resume with" \

@@ -107,8 +107,8 @@ class TrainingJob(Checkpointable):
                 raise RuntimeError(f"rank {env.global_rank} stopped because {failed[0].read_text().strip()}")
         rc = self._proc.returncode
         status = read_status(run_dir)
-        if rc == 0 and status["state"] == "finished":
-            return status
+        if status["state"] == "finished" and rc in (0, -signal.SIGUSR1, -signal.SIGTERM):
+            return status   # a stop signal that lands after the last save (as the child exits) undoes nothing
         if rc == 0 and status["state"] == "interrupted":
             return self._requeue_after_outside_stop(env)
         tail = log_tail(env.paths.stderr)

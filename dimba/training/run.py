@@ -63,3 +63,5 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        stop.release()

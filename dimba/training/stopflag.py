@@ -22,6 +22,14 @@ class StopFlag:
             signal.signal(sig, self._handle)
         self._installed = True
 
+    def release(self) -> None:
+        """The run has ended (finished, or stopped and saved): a further SIGUSR1 / SIGTERM has nothing left to
+        save, so ignore it. Left to Python, interpreter shutdown puts back the default (fatal) action of every
+        signal it handled, and a time-limit warning landing in those last moments would turn a finished run into
+        a death by signal, which Slurm and the launchers take for a stop to requeue."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         self.requested = True
         self.signal_name = signal.Signals(signum).name

@@ -307,7 +307,7 @@ class Trainer:
                 self.save()
                 last_saved = step
             self.writer.flush()
-            if self.stop.requested:
+            if self.stop.requested and step < cfg.training.max_steps:   # on the last step: just finish
                 self.log(f"stopping at step {step} on {self.stop.signal_name or 'a signal on another rank'} "
                          "(checkpoint saved; a restart on this run directory resumes)")
                 self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}")
