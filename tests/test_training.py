@@ -112,6 +112,25 @@ def _signal_ranks_at(cmd: list[str], marker: str) -> str:
     return "".join(lines)
 
 
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(uninterrupted, bundled_shards, tmp_path):
+    """SIGUSR1 reaches rank 0 alone, after the ranks agreed on the stop flag for step 3 but before they decide to
+    save: rank 0 must not save or stop on its own (a lone save is a collective the other rank never joins: a hang).
+    Both ranks take it up at the next agreement, save step 4 together and stop; the resumed run is exact."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(run_dir, bundled_shards)
+    cmd[cmd.index(str(ROOT / "launch" / "train.py"))] = str(ROOT / "tests" / "stop_one_rank.py")
+    proc = run(cmd, timeout=240, extra_env={"DIMBA_TEST_STOP_AT": "3"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping at step 4 on SIGUSR1" in out, out[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] == 4
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000004"
+    proc = run(train_cmd(run_dir, bundled_shards))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert_same_run(uninterrupted, run_dir)
+
+
 def test_a_stop_signal_after_the_run_ended_is_ignored():
     """Interpreter shutdown puts back the fatal default action of Python-handled signals; once released, the
     stop flag leaves SIGUSR1/SIGTERM ignored, so a time-limit warning landing as a finished run exits is harmless."""

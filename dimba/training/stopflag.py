@@ -1,5 +1,5 @@
 """The stop request: SIGUSR1 / SIGTERM (Slurm pre-emption, time-limit warning, scancel) set a flag that the
-trainer checks after every micro-batch; ranks agree on it, finish the step, save and exit 0. Installed as the very
+trainer reads after every step; ranks agree on it in one collective, save that step and exit 0. Installed as the very
 first thing a training process does, so a signal during start-up (imports, DeepSpeed set-up) is not fatal either.
 """
 from __future__ import annotations

@@ -3,7 +3,9 @@
 One call of `Trainer.train_step` is one optimizer step of `gradient_accumulation_steps` micro-batches. A
 micro-batch whose loss is non-finite on any rank is dropped on every rank before its backward (so DeepSpeed's
 accumulation count stays consistent) and counted; `training.max_nonfinite` of them in a row stop the run after a
-save. SIGUSR1/SIGTERM set a flag; ranks agree on it after every micro-batch, finish the step, save and exit 0.
+save. SIGUSR1/SIGTERM set a flag; after each step the ranks agree on it in one collective and, if any rank was
+signalled, all of them save that step and exit 0 (a rank never saves or stops on its own flag: that would be a
+collective the others never join).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class Trainer:
                      if d.time_warp == "learned" and cfg.model.kind == "dimba" else None)
         self.ema = EMA(self.model, cfg.training.ema_decay, cfg.zero_stage) if cfg.training.ema_decay > 0 else None
         self.writer = MetricsWriter(self.run_dir, info.is_main, cfg.logging.tensorboard)
-        self.stop = stop if stop is not None else StopFlag()
+        self.stop = stop if stop is not None else StopFlag()   # set by the signal handler; read, never written
+        self.stopping = False                                   # the ranks' agreed stop decision, once per step
         self.step = 0                 # optimizer steps done
         self.micro_index = 0          # micro-batches consumed (all ranks together count one per micro-step)
         self.tokens_seen = 0
@@ -148,8 +151,7 @@ class Trainer:
             batch = next(self._batches())
             loss, terms = self.micro_loss(batch)
             self.micro_index += 1
-            bad, stop = all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0, float(self.stop.requested)],
-                                       self.info.device)
+            bad = all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0], self.info.device)[0]
             if bad:
                 self.nonfinite_total += 1
                 self.nonfinite_run += 1
@@ -166,16 +168,16 @@ class Trainer:
             done += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            if stop:
-                self.stop.requested = True
         self.step += 1
         self.tokens_seen += self.cfg.grad_accum * self.cfg.micro_batch_size * self.cfg.data.seq_len * self.info.world_size
         if self.ema is not None:
             self.ema.update()
         if self.warp is not None:
             self.warp.update(self.info.device)      # collective: every rank refits the same curve
-        # agree on the stop flag once more after the step (a signal may have come during the last micro-batch)
-        self.stop.requested = bool(all_reduce_max([float(self.stop.requested)], self.info.device)[0])
+        # The one place the ranks agree whether to stop; every save/stop decision below uses this agreed value.
+        # The signal flag itself is only read: a signal landing during or after this collective (on any rank, at
+        # any moment) is taken up at the next step's agreement, never overwritten and never acted on alone.
+        self.stopping = bool(all_reduce_max([float(self.stop.requested)], self.info.device)[0])
         return {k: v / self.cfg.grad_accum for k, v in sums.items()}
 
     # ---- evaluation during training ---------------------------------------------------------------------
@@ -303,11 +305,11 @@ class Trainer:
                 for i, text in enumerate(texts):
                     self.writer.text(step, f"samples/{i}", text)
                 self.log(f"step {step} sample: {texts[0][:200]!r}")
-            if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or self.stop.requested:
+            if step % cfg.training.checkpoint_every == 0 or step == cfg.training.max_steps or self.stopping:
                 self.save()
                 last_saved = step
             self.writer.flush()
-            if self.stop.requested and step < cfg.training.max_steps:   # on the last step: just finish
+            if self.stopping and step < cfg.training.max_steps:   # on the last step: just finish
                 self.log(f"stopping at step {step} on {self.stop.signal_name or 'a signal on another rank'} "
                          "(checkpoint saved; a restart on this run directory resumes)")
                 self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}")
