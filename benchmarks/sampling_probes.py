@@ -13,6 +13,9 @@ Probes (all on the unconditional generation rows of compare_ar.py: 32 samples of
                        (default: every step)
   clamp-sample         x0_hat <- embedding of a token drawn from its logits, every step
   clamp-mean           x0_hat <- softmax(logits) @ table (posterior mean under the linear head's logits), every step
+  restart:K:LO:HI:N    restart sampling (Xu et al. 2023): the T-step DDIM (eta 0) pass runs down to t = LO, then
+                       K times: x is re-noised by the forward process from LO up to HI with fresh noise and N DDIM
+                       steps bring it back to LO; the pass then goes on to 0. T + K * N model calls
 The warped grid replaces dimba.diffusion.sampling.timestep_grid for the run; the clamps wrap the model. Prints one
 line per T: gen-PPL under the judge and unigram entropy (bits).
 """
@@ -97,6 +100,38 @@ def warped_grid_fn(model, cfg, shards: Path, tok, mix: float):
     return grid
 
 
+@torch.no_grad()
+def restart_sample(model, cfg, n: int, steps: int, restarts: int, lo: float, hi: float, n_restart: int,
+                   seed: int = 1) -> torch.Tensor:
+    """Unconditional DDIM (eta 0, self-conditioned, as dimba.diffusion.sampling.sample with the model's own
+    sampling config) with restart segments over [lo, hi]; returns (n, seq_len) tokens."""
+    schedule, sc_cfg = schedule_for(cfg), cfg.sampling
+    g = torch.Generator().manual_seed(seed)
+    length, T = cfg.data.seq_len, schedule.num_steps
+    clean = torch.zeros(n, length, dtype=torch.bool)
+    dt = torch.float64 if sc_cfg.precision == "float64" else torch.float32
+    x = torch.randn(n, length, model.cfg.d_embed, generator=g, dtype=dt)
+    full, stop = sampling.timestep_grid(T, steps, sc_cfg.spacing), round(lo * T)
+    segment = [round(T * (hi - (hi - lo) * i / n_restart)) for i in range(n_restart + 1)]
+    plan = ([[v for v in full if v > stop] + [stop]] + [segment] * restarts      # with restarts 0 and lo on the
+            + [[stop] + [v for v in full if v < stop]])                          # grid: sample()'s own steps
+    x0, logits = None, None
+    for k, path in enumerate(plan):
+        if k > 0 and k <= restarts:   # forward process from lo up to hi, fresh noise
+            ab_lo, ab_hi = (schedule.alpha_bar(schedule.step_to_t(v)) for v in (path[-1], path[0]))
+            z = torch.randn(x.shape, generator=g, dtype=dt)
+            x = (ab_hi / ab_lo).sqrt() * x + (1 - ab_hi / ab_lo).sqrt() * z
+        for step_t, step_s in zip(path[:-1], path[1:]):
+            t, s = schedule.step_to_t(step_t).to(dt), schedule.step_to_t(step_s).to(dt)
+            ab_t, ab_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
+            x0, logits = model(x.float(), torch.full((n,), float(t)), clean,
+                               x0.float() if (model.self_condition and x0 is not None) else None, with_logits=True)
+            x0 = x0.to(dt)
+            eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
+            x = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+    return sampling.pick_tokens(logits, sc_cfg, g)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="a compare_ar.py output folder (its dimba/ run and shards/)")
@@ -112,13 +147,20 @@ def main() -> int:
         sampling.timestep_grid = warped_grid_fn(model, cfg, args.out / "shards", tok, float(arg or 0.0))
     elif name.startswith("clamp-"):
         model = ClampedDenoiser(model, name.removeprefix("clamp-"), float(arg) if arg else 2.0)
+    elif name == "restart":
+        k, lo, hi, n_r = arg.split(":")
     elif name != "none":
         raise SystemExit(f"unknown probe {args.probe!r}; see --help")
     judge = load_judge(args.judge, "cpu") if args.judge != "none" else None
     uncond = [Request(prefix=[], middle_length=cfg.data.seq_len) for _ in range(args.samples)]
     for steps in [int(s) for s in args.steps.split(",")]:
-        res, _ = generate(model, cfg, uncond, replace(cfg.sampling, steps=steps), seed=1, batch_size=args.samples)
-        q = compare_ar._quality(judge, tok, [r.middle for r in res], args.samples)
+        if name == "restart":
+            texts = restart_sample(model, cfg, args.samples, steps, int(k), float(lo), float(hi), int(n_r)).tolist()
+        else:
+            res, _ = generate(model, cfg, uncond, replace(cfg.sampling, steps=steps), seed=1,
+                              batch_size=args.samples)
+            texts = [r.middle for r in res]
+        q = compare_ar._quality(judge, tok, texts, args.samples)
         print(f"{args.probe} T={steps}: gen-PPL {q.get('gen_ppl', float('nan')):.0f} at "
               f"{q['unigram_entropy_bits']:.2f} bits", flush=True)
     return 0
