@@ -16,7 +16,9 @@ Stages, in order (each skipped when its result exists, so re-running continues; 
   train-ar     the same command for the AR twin: dimba.model.build.ar_twin picks the depth that equalises the
                parameter count; same steps, micro-batch, ranks and seq_len, hence the same tokens, same shards
   eval         both models (EMA weights), on held-out windows of the val split:
-                 likelihood   DIMBA: ELBO upper bound (dimba.evaluation.likelihood); AR: exact NLL -> PPL
+                 likelihood   DIMBA: ELBO upper bound (dimba.evaluation.likelihood), with its terms and the
+                              diffusion term by band of log-SNR; AR: exact NLL -> PPL; and the exact NLL of the
+                              train split's unigram model (the best a model that reads no context can do)
                  context      DIMBA: what its context earns the denoiser at each noise level, against the
                               exact context-free posterior (dimba.evaluation.context)
                  generation   unconditional samples, DIMBA at each T, AR decode of the same length: unigram
@@ -55,7 +57,7 @@ from dimba.data.shards import unigram_log_probs  # noqa: E402
 from dimba.evaluation.context import context_use  # noqa: E402
 from dimba.evaluation.infill import infill  # noqa: E402
 from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
-from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound  # noqa: E402
+from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, unigram_nll  # noqa: E402
 from dimba.evaluation.prompted import bleu  # noqa: E402
 from dimba.evaluation.speed import ar_speedup, speed_rows  # noqa: E402
 from dimba.evaluation.textgen import Request, generate, schedule_for  # noqa: E402
@@ -250,8 +252,13 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
                            scale.t_samples, 0, device)
         exact = ar_exact_nll(models["ar"].model, as_batches(lik, 8), models["ar"].cfg.model.pad_id, device)
         keep = ("kind", "nll_nats_per_token", "bits_per_token", "stderr_nats", "tokens", "sequences")
-        return {"dimba": {**{k: bound[k] for k in keep}, "ppl": bound["ppl_bound"]},
-                "ar": {**{k: exact[k] for k in keep}, "ppl": exact["ppl"]}}
+        terms = {"reconstruction": bound["reconstruction"], "diffusion": bound["diffusion"], "prior": bound["prior"],
+                 "t0_log_snr": bound["t0"]["log_snr"], "diffusion_by_log_snr": bound["diffusion_by_log_snr"]}
+        prior = unigram_log_probs(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
+        uni = unigram_nll(prior, as_batches(lik, 8), d.cfg.model.pad_id)
+        return {"dimba": {**{k: bound[k] for k in keep}, "ppl": bound["ppl_bound"], "terms": terms},
+                "ar": {**{k: exact[k] for k in keep}, "ppl": exact["ppl"]},
+                "unigram": {**{k: uni[k] for k in keep}, "ppl": uni["ppl"]}}
 
     def context():
         d = models["dimba"]
@@ -428,6 +435,15 @@ def write_markdown(report: dict, path: Path) -> None:
         md += ["", "## Validation likelihood", ""]
         md += _table(["model", "estimate", "nats/token", "+-", "PPL"],
                      [[k, v["kind"], v["nll_nats_per_token"], v["stderr_nats"], v["ppl"]] for k, v in lik.items()])
+        terms = lik.get("dimba", {}).get("terms")
+        if terms:   # where the bound's nats go (all windows; the bound above is on the held-out half)
+            md += ["", f"DIMBA's bound = reconstruction {terms['reconstruction']:.3f} (token CE at its t0, log-SNR "
+                   f"{terms['t0_log_snr']:g}) + diffusion {terms['diffusion']:.3f} + prior {terms['prior']:.3f} "
+                   "nats/token. The diffusion term by band of log-SNR (a band counts only below the t0 chosen):", ""]
+            bands = terms["diffusion_by_log_snr"]
+            edge = lambda v: "-inf" if v is None else f"{v:.3g}"   # noqa: E731
+            md += _table(["log-SNR", *[f"{edge(b.get('log_snr_from'))}..{edge(b['log_snr_to'])}" for b in bands]],
+                         [["nats/token", *[b["nats_per_token"] for b in bands]]])
     if "context" in report:
         md += ["", "## Does DIMBA's denoiser read its context? (token CE in nats at fixed log-SNR)", "",
                "bayes: the exact posterior of a token from its own noisy vector and the train split's unigram "

@@ -24,7 +24,14 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     models = report["setup"]["models"]
     assert models["dimba"]["kind"] == "dimba" and models["ar"]["kind"] == "ar"
     assert models["dimba"]["tokens_trained"] == models["ar"]["tokens_trained"] == 4 * 2 * 4 * 32
-    assert report["likelihood"]["dimba"]["kind"] == "elbo_upper_bound" and report["likelihood"]["ar"]["kind"] == "exact"
+    lik = report["likelihood"]
+    assert lik["dimba"]["kind"] == "elbo_upper_bound" and lik["ar"]["kind"] == "exact"
+    assert lik["unigram"]["kind"] == "exact, no context" and 0 < lik["unigram"]["nll_nats_per_token"] < 9
+    terms = lik["dimba"]["terms"]      # the bound's own terms (held-out half), and the diffusion term by band
+    assert terms["reconstruction"] + terms["diffusion"] + terms["prior"] == \
+        pytest.approx(lik["dimba"]["nll_nats_per_token"])
+    assert terms["t0_log_snr"] in [b["log_snr_to"] for b in terms["diffusion_by_log_snr"]]
+    assert all(b["nats_per_token"] >= 0 for b in terms["diffusion_by_log_snr"])
     assert [(r["model"], r["steps"]) for r in report["generation"]] == [("data", None), ("dimba", 2), ("dimba", 4),
                                                                          ("ar", 32)]
     assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("dimba", "ar") for b in (1, 4)}
@@ -32,6 +39,7 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     assert [r["guidance"] for r in report["guidance"]] == [0.0, 1.0, 2.0, None]
     assert [r["log_snr"] for r in report["context"]] == [-6, -4, -3, -2, -1, 0]
     assert "## Goals" in (out / "report.md").read_text() and "context gain" in (out / "report.md").read_text()
+    assert "DIMBA's bound = reconstruction" in (out / "report.md").read_text()
     assert "## Goals" in (out / "report.md").read_text() and (out / "compare.png").stat().st_size > 10_000
     # a second run finds everything done and only redraws the report
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

@@ -89,6 +89,10 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
     assert lik["nll_nats_per_token"] == pytest.approx(lik["reconstruction"] + lik["diffusion"] + lik["prior"])
     assert lik["ppl_bound"] == pytest.approx(math.exp(lik["nll_nats_per_token"]))
     assert lik["at_train_t_min"]["nll_nats_per_token"] >= min(r["nll_nats_per_token"] for r in lik["by_t0"])
+    assert sum(b["nats_per_token"] for b in lik["diffusion_by_log_snr"]) == \
+        pytest.approx(lik["by_t0"][0]["diffusion"])
+    uni = report["likelihood_unigram"]
+    assert uni["kind"] == "exact, no context" and uni["tokens"] >= lik["tokens"] and 0 < uni["nll_nats_per_token"] < 9
     buckets = report["denoising_by_t"]
     assert len(buckets) == 3 and buckets[0]["loss"] < buckets[-1]["loss"]     # less noise, easier denoising
     ctx = report["context_by_snr"]

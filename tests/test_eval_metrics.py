@@ -18,7 +18,7 @@ from dimba.evaluation.context import context_use
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import StackJudge, generative_perplexity, judge_tokens
-from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, log_snr, t_of_log_snr
+from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, log_snr, t_of_log_snr, unigram_nll
 from dimba.evaluation.prompted import bleu, rouge
 from dimba.evaluation.report import plot, scalars, write_json, write_tensorboard
 from dimba.evaluation.textstats import text_stats
@@ -142,6 +142,10 @@ def test_elbo_on_a_fresh_dimba_model_is_finite_and_seeded():
     assert all(math.isfinite(row["nll_nats_per_token"]) for row in a["by_t0"])
     lams = [row["log_snr_t0"] for row in a["by_t0"]]
     assert lams[0] == pytest.approx(log_snr(schedule, 1e-3)) and lams[-1] == -6.0
+    bands = a["diffusion_by_log_snr"]                          # the same integral, cut between neighbouring t0s
+    assert [b_["log_snr_to"] for b_ in bands] == lams and [b_.get("log_snr_from") for b_ in bands] == lams[1:] + [None]
+    assert all(b_["nats_per_token"] >= 0 for b_ in bands)
+    assert sum(b_["nats_per_token"] for b_ in bands) == pytest.approx(diffs[0])
 
 
 def test_loss_by_t_follows_the_noise_level():
@@ -232,6 +236,17 @@ def test_ar_exact_nll_of_a_uniform_model_is_log_v():
     assert r["kind"] == "exact" and r["tokens"] == 3 * 19
     assert r["nll_nats_per_token"] == pytest.approx(math.log(4096), rel=1e-6)
     assert r["ppl"] == pytest.approx(4096, rel=1e-5)
+
+
+def test_unigram_nll_scores_each_token_by_its_log_probability():
+    log_p = torch.log(torch.tensor([0.0, 0.5, 0.25, 0.25], dtype=torch.float64))   # id 0: padding
+    batches = [{"tokens": torch.tensor([[1, 1, 2, 0], [3, 0, 0, 0]])}, {"tokens": torch.tensor([[0, 0, 0, 0]])}]
+    r = unigram_nll(log_p.numpy(), batches, pad_id=0)
+    want = (2 * math.log(2) + 2 * math.log(4)) / 4                    # padding and an all-padding row unscored
+    assert r["kind"] == "exact, no context" and r["tokens"] == 4 and r["sequences"] == 2
+    assert r["nll_nats_per_token"] == pytest.approx(want) and r["ppl"] == pytest.approx(math.exp(want))
+    per_seq = [(2 * math.log(2) + math.log(4)) / 3, math.log(4)]
+    assert r["stderr_nats"] == pytest.approx(abs(per_seq[0] - per_seq[1]) / 2)
 
 
 def loaded(model, tokenizer, kind="ar", shards="data/a") -> LoadedModel:

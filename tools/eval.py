@@ -14,6 +14,9 @@ What the report holds (details in dimba/evaluation/*.py):
                    2021), --t-samples stratified log-SNR draws per sequence, self-conditioning on, t0 chosen on
                    half the sequences and the bound reported on the other half; also the bound at t0 = t_min.
                    AR twin (model.kind "ar"): exact NLL = mean next-token cross-entropy. Both as nats, bits, PPL.
+                   DIMBA's report also splits the diffusion term by band of log-SNR (diffusion_by_log_snr).
+  likelihood_unigram  exact NLL of the same tokens under the train split's unigram model: the best a model that
+                   reads no context can do, the yardstick for the two above
   denoising_by_t   DIMBA: the training loss (mse, ce, acc) in --t-buckets buckets of t
   context_by_snr   DIMBA: at log-SNR -6..0, the denoiser's token cross-entropy with the real context, with the
                    positions shuffled, and the exact context-free posterior's (unigram prior of the train split):

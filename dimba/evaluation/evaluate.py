@@ -28,7 +28,7 @@ from dimba.evaluation.context import context_use
 from dimba.evaluation.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import Judge, generative_perplexity
-from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound
+from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, unigram_nll
 from dimba.evaluation.infill import infill
 from dimba.evaluation.prompted import continue_prompts
 from dimba.evaluation.speed import time_generation
@@ -105,6 +105,9 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
         report["judge"] = judge.info(tok)
 
     timed("likelihood")
+    prior = unigram_log_probs(shards, cfg.model.vocab_size, cfg.model.pad_id)   # None: the shards have no train split
+    if prior is not None:     # the yardstick: the best NLL of a model that reads no context
+        report["likelihood_unigram"] = unigram_nll(prior, batches, cfg.model.pad_id)
     if kind == "dimba":
         schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
         report["likelihood"] = elbo_bound(model, schedule, batches, cfg.model.pad_id, cfg.diffusion.t_min,
@@ -115,7 +118,6 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
                                              opts.t_buckets, opts.seed, device)
         done("denoising_by_t")
         timed("context_by_snr")
-        prior = unigram_log_probs(shards, cfg.model.vocab_size, cfg.model.pad_id)
         report["context_by_snr"] = context_use(model, schedule, batches, cfg.model.pad_id, prior, seed=opts.seed,
                                                device=device)
         done("context_by_snr")

@@ -24,7 +24,8 @@ without bound, so a model that is not exact there pays SNR * its error. Like VDM
 truncation point is chosen: candidates lambda(t0) in T0_CANDIDATES (the training range's top, lambda(t_min),
 then every 2 nats of log-SNR down to -6) share the same draws; t0 is selected on the calibration half of the
 sequences (even index) and the bound is reported on the other half (odd index), so the reported number is not
-biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is reported too, unselected.
+biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is reported too, unselected, and so is the diffusion term by
+band of log-SNR between neighbouring candidates (where along the noise levels the bound's nats are spent).
 
 AR twin: exact NLL = mean next-token cross-entropy over the val tokens (the first token of each sequence has
 no context and is not scored).
@@ -182,6 +183,13 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
         by_t0.append({"log_snr_t0": lam0, "t0": float(t_of_log_snr(schedule, torch.tensor(lam0, dtype=torch.float64))),
                       "nll_nats_per_token": row["nll_nats_per_token"], "reconstruction": row["reconstruction"],
                       "diffusion": row["diffusion"], "calibration_nll": _bound(s, calib, k)["nll_nats_per_token"]})
+    # the diffusion term is cumulative over the candidates (draws with lambda <= lambda(t0)): differences of
+    # neighbours give it by band of log-SNR. The lowest band reaches down to lambda_1, tail included; with
+    # zero-terminal SNR that is -inf, and the band has no log_snr_from.
+    edges = cands[1:] + ([lam_1] if math.isfinite(lam_1) else [None])
+    bands = [{**({"log_snr_from": edges[k]} if edges[k] is not None else {}), "log_snr_to": cands[k],
+              "nats_per_token": by_t0[k]["diffusion"] - (by_t0[k + 1]["diffusion"] if k + 1 < len(cands) else 0.0)}
+             for k in range(len(cands))]
     best = min(range(len(cands)), key=lambda k: by_t0[k]["calibration_nll"])
     rep = _bound(s, held, best)
     at_tmin = _bound(s, rows, 0)
@@ -205,6 +213,7 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
                            "reconstruction": at_tmin["reconstruction"], "diffusion": at_tmin["diffusion"],
                            "stderr_nats": at_tmin["stderr_nats"]},
         "by_t0": by_t0,
+        "diffusion_by_log_snr": bands,   # all sequences; the reported bound sums the bands up to its t0
     }
 
 
@@ -221,11 +230,32 @@ def ar_exact_nll(model, batches: Iterable[dict], pad_id: int, device: torch.devi
         total += float(ce.sum())
         count += int(scored.sum())
         per_seq += [float(c) / float(n) for c, n in zip(ce.sum(1), scored.sum(1)) if n > 0]
+    return _exact_row(total, count, per_seq, "mean next-token cross-entropy over the val tokens (first token of "
+                      "each sequence unscored)")
+
+
+def unigram_nll(log_probs, batches: Iterable[dict], pad_id: int) -> dict:
+    """Exact NLL of the best model that reads no context: each val token scored by its train-split unigram
+    log-probability (`dimba.data.shards.unigram_log_probs`). The yardstick a denoiser that ignores its context
+    meets: its bound cannot go below this by more than what its context earns."""
+    lp = torch.as_tensor(log_probs, dtype=torch.float64)
+    total, count, per_seq = 0.0, 0, []
+    for batch in batches:
+        tokens = batch["tokens"].cpu()
+        scored = tokens != pad_id
+        nll = torch.where(scored, -lp[tokens], 0.0)      # padding's log-probability is -inf
+        total += float(nll.sum())
+        count += int(scored.sum())
+        per_seq += [float(c) / float(n) for c, n in zip(nll.sum(1), scored.sum(1)) if n > 0]
+    return {**_exact_row(total, count, per_seq, "train-split unigram log-probabilities of the val tokens"),
+            "kind": "exact, no context"}
+
+
+def _exact_row(total: float, count: int, per_seq: list[float], estimator: str) -> dict:
     if count == 0:
         raise EvalError("no val tokens to score; use more --batches or a larger val split")
     nll = total / count
     m = sum(per_seq) / len(per_seq)
     se = math.sqrt(sum((v - m) ** 2 for v in per_seq) / max(len(per_seq) - 1, 1) / len(per_seq))
-    return {"kind": "exact", "estimator": "mean next-token cross-entropy over the val tokens (first token of each "
-            "sequence unscored)", "nll_nats_per_token": nll, "bits_per_token": nll / math.log(2),
+    return {"kind": "exact", "estimator": estimator, "nll_nats_per_token": nll, "bits_per_token": nll / math.log(2),
             "ppl": _ppl(nll), "stderr_nats": se, "tokens": count, "sequences": len(per_seq)}
