@@ -253,7 +253,8 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
         exact = ar_exact_nll(models["ar"].model, as_batches(lik, 8), models["ar"].cfg.model.pad_id, device)
         keep = ("kind", "nll_nats_per_token", "bits_per_token", "stderr_nats", "tokens", "sequences")
         terms = {"reconstruction": bound["reconstruction"], "diffusion": bound["diffusion"], "prior": bound["prior"],
-                 "t0_log_snr": bound["t0"]["log_snr"], "diffusion_by_log_snr": bound["diffusion_by_log_snr"]}
+                 "t0_log_snr": bound["t0"]["log_snr"], "x0_estimate": bound["x0_estimate"],
+                 "by_estimator": bound["by_estimator"], "diffusion_by_log_snr": bound["diffusion_by_log_snr"]}
         prior = unigram_log_probs(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
         uni = unigram_nll(prior, as_batches(lik, 8), d.cfg.model.pad_id)
         return {"dimba": {**{k: bound[k] for k in keep}, "ppl": bound["ppl_bound"], "terms": terms},
@@ -437,9 +438,12 @@ def write_markdown(report: dict, path: Path) -> None:
                      [[k, v["kind"], v["nll_nats_per_token"], v["stderr_nats"], v["ppl"]] for k, v in lik.items()])
         terms = lik.get("dimba", {}).get("terms")
         if terms:   # where the bound's nats go (all windows; the bound above is on the held-out half)
+            est = terms.get("by_estimator", {})
             md += ["", f"DIMBA's bound = reconstruction {terms['reconstruction']:.3f} (token CE at its t0, log-SNR "
                    f"{terms['t0_log_snr']:g}) + diffusion {terms['diffusion']:.3f} + prior {terms['prior']:.3f} "
-                   "nats/token. The diffusion term by band of log-SNR (a band counts only below the t0 chosen):", ""]
+                   f"nats/token, with x0 estimated by {terms.get('x0_estimate', 'head').replace('_', ' ')}"
+                   + "".join(f"; {k.replace('_', ' ')} alone: {v['nll_nats_per_token']:.3f}" for k, v in est.items())
+                   + ". The diffusion term by band of log-SNR (a band counts only below the t0 chosen):", ""]
             bands = terms["diffusion_by_log_snr"]
             edge = lambda v: "-inf" if v is None else f"{v:.3g}"   # noqa: E731
             md += _table(["log-SNR", *[f"{edge(b.get('log_snr_from'))}..{edge(b['log_snr_to'])}" for b in bands]],

@@ -11,8 +11,9 @@ a training run directory (its newest complete checkpoint, EMA weights) or one ch
 
 What the report holds (details in dimba/evaluation/*.py):
   likelihood       DIMBA: an upper bound on NLL per token from the continuous-time diffusion ELBO (Kingma et al.
-                   2021), --t-samples stratified log-SNR draws per sequence, self-conditioning on, t0 chosen on
-                   half the sequences and the bound reported on the other half; also the bound at t0 = t_min.
+                   2021), --t-samples stratified log-SNR draws per sequence, self-conditioning on; t0 and the x0
+                   estimate (the model's own x0_hat, or the posterior mean under its logits) chosen on half the
+                   sequences and the bound reported on the other half; also the bound at t0 = t_min.
                    AR twin (model.kind "ar"): exact NLL = mean next-token cross-entropy. Both as nats, bits, PPL.
                    DIMBA's report also splits the diffusion term by band of log-SNR (diffusion_by_log_snr).
   likelihood_unigram  exact NLL of the same tokens under the train split's unigram model: the best a model that

@@ -12,6 +12,13 @@ the two-pass self-conditioned estimate (`denoise` with every sample flagged), a 
 so the bound holds for it. The norm is summed over the d_embed coordinates and the bound over the scored positions
 (neither clean nor padding); the reported number is per scored token.
 
+Two x0 estimates, both functions of (z_t, t), are scored from the same draws: the model's own x0_hat ("head") and
+the posterior mean under its token distribution, softmax(logits) @ table ("posterior_mean"). With
+model.x0_head "softmax" or "posterior" they coincide. With the linear head they do not: its x0_hat stays a blurred
+vector off the table however certain the token, so its squared error, times an SNR that grows without bound,
+makes every band of high log-SNR cost more than the last, while the posterior mean snaps to the table as the token
+becomes certain. Which one the bound uses is chosen with t0, on the calibration half (below).
+
 Estimator. With lambda = log SNR the diffusion term is exactly 1/2 int SNR(lambda) ||x0 - x0_hat||^2 dlambda over
 [lambda_1, lambda(t0)] (no derivative of the schedule is needed). It is split at LOG_SNR_TAIL:
   - [LOG_SNR_TAIL, lambda_top]: N stratified draws of lambda per sequence, u_j = (j + u) / N, u ~ U(0, 1)
@@ -22,9 +29,9 @@ Both are unbiased; the model is told the noise level through t = schedule^-1(lam
 Choice of t0. The bound holds for every t0 and its tightness depends on it: near t = 0 the weight SNR grows
 without bound, so a model that is not exact there pays SNR * its error. Like VDM's learned SNR_max, the
 truncation point is chosen: candidates lambda(t0) in T0_CANDIDATES (the training range's top, lambda(t_min),
-then every 2 nats of log-SNR down to -6) share the same draws; t0 is selected on the calibration half of the
-sequences (even index) and the bound is reported on the other half (odd index), so the reported number is not
-biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is reported too, unselected, and so is the diffusion term by
+then every 2 nats of log-SNR down to -6) share the same draws; t0 and the x0 estimate are selected together on the
+calibration half of the sequences (even index) and the bound is reported on the other half (odd index), so the
+reported number is not biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is reported too, unselected, and so is the diffusion term by
 band of log-SNR between neighbouring candidates (where along the noise levels the bound's nats are spent).
 
 AR twin: exact NLL = mean next-token cross-entropy over the val tokens (the first token of each sequence has
@@ -46,6 +53,7 @@ from dimba.evaluation.errors import EvalError
 LOG_SNR_TAIL = -10.0          # below: one uniform draw in SNR space (the integrand there is < 5e-5 * d_embed)
 LOG_SNR_TOP_MAX = 15.0        # cap on lambda(t_min) when t_min = 0 (SNR infinite)
 T0_SPACING, T0_FLOOR = 2.0, -6.0
+X0_ESTIMATES = ("head", "posterior_mean")   # the model's x0_hat; softmax(logits) @ table
 
 
 def t_of_log_snr(schedule: NoiseSchedule, lam: torch.Tensor, iters: int = 64) -> torch.Tensor:
@@ -80,7 +88,7 @@ class _Sums:
     tokens: list = field(default_factory=list)
     prior: list = field(default_factory=list)
     recon: list = field(default_factory=list)       # each: K values, one per candidate
-    diffusion: list = field(default_factory=list)   # each: K values
+    diffusion: list = field(default_factory=list)   # each: K x len(X0_ESTIMATES) values
 
 
 def _noised(schedule: NoiseSchedule, x0, clean, lam: torch.Tensor, generator: torch.Generator):
@@ -109,23 +117,26 @@ def _batch_terms(model, schedule: NoiseSchedule, tokens, clean, pad_id: int, can
         kl_tok = 0.5 * (ab1 * (x0.pow(2).sum(-1) - d) - d * math.log1p(-ab1))
         prior = (kl_tok * scored).sum(1).double().cpu()
 
-    diffusion = torch.zeros(b, k, dtype=torch.float64)
+    def errors(x_t, t) -> torch.Tensor:
+        """(B, len(X0_ESTIMATES)) summed squared errors of the model's x0_hat and of its posterior mean."""
+        x0_hat, logits = denoise(model, x_t, t, clean, flag)
+        mean = model.token_embedding(probs=logits.float().softmax(-1)).to(x0_hat.dtype)
+        return torch.stack([(((e - x0) ** 2).sum(-1) * scored).sum(1).double().cpu() for e in (x0_hat, mean)], -1)
+
+    diffusion = torch.zeros(b, k, len(X0_ESTIMATES), dtype=torch.float64)
     offset = torch.rand(b, generator=generator, dtype=torch.float64)
     width = lam_top - lam_lo
     for j in range(t_samples):                                  # stratified, uniform in log-SNR
         lam = lam_lo + (j + offset) / t_samples * width
         x_t, t = _noised(schedule, x0, clean, lam, generator)
-        x0_hat = denoise(model, x_t, t, clean, flag, with_logits=False)
-        err = (((x0_hat - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
         w = 0.5 * lam.exp() * width / t_samples
-        diffusion += (w * err).unsqueeze(1) * (lam.unsqueeze(1) <= cand_t.unsqueeze(0))
+        below = (lam.unsqueeze(1) <= cand_t.unsqueeze(0)).unsqueeze(-1)
+        diffusion += (w.unsqueeze(1) * errors(x_t, t)).unsqueeze(1) * below
     snr_lo = math.exp(lam_lo)
     if snr_lo > snr_1:                                           # the tail, uniform in SNR
         snr = snr_1 + torch.rand(b, generator=generator, dtype=torch.float64) * (snr_lo - snr_1)
         x_t, t = _noised(schedule, x0, clean, snr.log(), generator)
-        x0_hat = denoise(model, x_t, t, clean, flag, with_logits=False)
-        err = (((x0_hat - x0) ** 2).sum(-1) * scored).sum(1).double().cpu()
-        diffusion += (0.5 * (snr_lo - snr_1) * err).unsqueeze(1)
+        diffusion += (0.5 * (snr_lo - snr_1) * errors(x_t, t)).unsqueeze(1)
 
     recon = torch.zeros(b, k, dtype=torch.float64)
     for i, lam0 in enumerate(cands):
@@ -136,12 +147,12 @@ def _batch_terms(model, schedule: NoiseSchedule, tokens, clean, pad_id: int, can
     return scored.sum(1).double().cpu(), prior, recon, diffusion
 
 
-def _bound(s: _Sums, rows: list[int], k: int) -> dict:
+def _bound(s: _Sums, rows: list[int], k: int, e: int) -> dict:
     n = sum(s.tokens[r] for r in rows)
     rec = sum(s.recon[r][k] for r in rows) / n
-    dif = sum(s.diffusion[r][k] for r in rows) / n
+    dif = sum(s.diffusion[r][k][e] for r in rows) / n
     pri = sum(s.prior[r] for r in rows) / n
-    per_seq = [(s.recon[r][k] + s.diffusion[r][k] + s.prior[r]) / s.tokens[r] for r in rows if s.tokens[r] > 0]
+    per_seq = [(s.recon[r][k] + s.diffusion[r][k][e] + s.prior[r]) / s.tokens[r] for r in rows if s.tokens[r] > 0]
     m = sum(per_seq) / len(per_seq)
     se = math.sqrt(sum((v - m) ** 2 for v in per_seq) / max(len(per_seq) - 1, 1) / len(per_seq))
     return {"nll_nats_per_token": rec + dif + pri, "reconstruction": rec, "diffusion": dif, "prior": pri,
@@ -177,12 +188,21 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
         raise EvalError(f"the likelihood bound needs at least 2 val sequences with scored tokens (one half selects "
                         f"t0, the other reports), got {len(rows)}; use more --batches or a larger val split")
     calib, held = rows[0::2], rows[1::2]
+    pairs = [(k, e) for k in range(len(cands)) for e in range(len(X0_ESTIMATES))]
+    best, est = min(pairs, key=lambda ke: _bound(s, calib, *ke)["nll_nats_per_token"])
+    by_estimator = {}
+    for e, name in enumerate(X0_ESTIMATES):      # each estimate at its own best t0, for comparison
+        k_e = min(range(len(cands)), key=lambda k: _bound(s, calib, k, e)["nll_nats_per_token"])
+        row = _bound(s, held, k_e, e)
+        by_estimator[name] = {"nll_nats_per_token": row["nll_nats_per_token"], "stderr_nats": row["stderr_nats"],
+                              "log_snr_t0": cands[k_e],
+                              "at_train_t_min": _bound(s, rows, 0, e)["nll_nats_per_token"]}
     by_t0 = []
-    for k, lam0 in enumerate(cands):
-        row = _bound(s, rows, k)
+    for k, lam0 in enumerate(cands):             # with the chosen estimate
+        row = _bound(s, rows, k, est)
         by_t0.append({"log_snr_t0": lam0, "t0": float(t_of_log_snr(schedule, torch.tensor(lam0, dtype=torch.float64))),
                       "nll_nats_per_token": row["nll_nats_per_token"], "reconstruction": row["reconstruction"],
-                      "diffusion": row["diffusion"], "calibration_nll": _bound(s, calib, k)["nll_nats_per_token"]})
+                      "diffusion": row["diffusion"], "calibration_nll": _bound(s, calib, k, est)["nll_nats_per_token"]})
     # the diffusion term is cumulative over the candidates (draws with lambda <= lambda(t0)): differences of
     # neighbours give it by band of log-SNR. The lowest band reaches down to lambda_1, tail included; with
     # zero-terminal SNR that is -inf, and the band has no log_snr_from.
@@ -190,16 +210,16 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
     bands = [{**({"log_snr_from": edges[k]} if edges[k] is not None else {}), "log_snr_to": cands[k],
               "nats_per_token": by_t0[k]["diffusion"] - (by_t0[k + 1]["diffusion"] if k + 1 < len(cands) else 0.0)}
              for k in range(len(cands))]
-    best = min(range(len(cands)), key=lambda k: by_t0[k]["calibration_nll"])
-    rep = _bound(s, held, best)
-    at_tmin = _bound(s, rows, 0)
+    rep = _bound(s, held, best, est)
+    at_tmin = _bound(s, rows, 0, est)
     return {
         "kind": "elbo_upper_bound",
         "estimator": ("continuous-time VLB (Kingma et al. 2021): reconstruction CE at t0 + diffusion term "
                       f"importance-sampled uniform in log-SNR on [{lam_lo:g}, log SNR(t0)] with {t_samples} stratified "
                       "draws per sequence + one uniform-in-SNR draw for the tail + exact prior KL; "
                       + ("self-conditioning on (two-pass x0 estimate); " if model.self_condition else "")
-                      + "t0 chosen on even-indexed sequences, bound reported on odd-indexed ones"),
+                      + "t0 and the x0 estimate (the model's x0_hat or the posterior mean under its logits) chosen "
+                      "on even-indexed sequences, bound reported on odd-indexed ones"),
         "t_samples": t_samples, "tail_samples": int(math.exp(lam_lo) > snr_1),
         "denoiser_calls_per_sequence": (t_samples + int(math.exp(lam_lo) > snr_1) + len(cands))
         * (2 if model.self_condition else 1),
@@ -208,6 +228,8 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
         "bits_per_token": rep["nll_nats_per_token"] / math.log(2),
         "ppl_bound": _ppl(rep["nll_nats_per_token"]),
         "t0": {"log_snr": cands[best], "t": by_t0[best]["t0"], "selected_on_sequences": len(calib)},
+        "x0_estimate": X0_ESTIMATES[est],
+        "by_estimator": by_estimator,
         "at_train_t_min": {"t0": by_t0[0]["t0"], "log_snr": cands[0], "nll_nats_per_token": at_tmin["nll_nats_per_token"],
                            "bits_per_token": at_tmin["nll_nats_per_token"] / math.log(2),
                            "reconstruction": at_tmin["reconstruction"], "diffusion": at_tmin["diffusion"],
