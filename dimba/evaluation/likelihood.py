@@ -31,8 +31,9 @@ without bound, so a model that is not exact there pays SNR * its error. Like VDM
 truncation point is chosen: candidates lambda(t0) in T0_CANDIDATES (the training range's top, lambda(t_min),
 then every 2 nats of log-SNR down to -6) share the same draws; t0 and the x0 estimate are selected together on the
 calibration half of the sequences (even index) and the bound is reported on the other half (odd index), so the
-reported number is not biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is reported too, unselected, and so is the diffusion term by
-band of log-SNR between neighbouring candidates (where along the noise levels the bound's nats are spent).
+reported number is not biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is
+reported too, unselected, and so is the diffusion term by band of log-SNR between neighbouring candidates (where
+along the noise levels the bound's nats are spent).
 
 AR twin: exact NLL = mean next-token cross-entropy over the val tokens (the first token of each sequence has
 no context and is not scored).
