@@ -221,6 +221,8 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
     seqs = val_sequences(shards, tok, seq_len, n)
     todo = [name for name in SECTIONS if (sections is None or name in sections) and name not in report]
     judged = [name for name in todo if name in JUDGED]
+    prior = (unigram_log_probs(shards, cfg_d.model.vocab_size, cfg_d.model.pad_id)     # likelihood and context
+             if {"likelihood", "context"} & set(todo) else None)
     judge = load_judge(judge_spec, device) if judge_spec != "none" and judged else None    # ~15 s: only when used
     judge_name = judge.name if judge is not None else judge_spec
     if judge is None and not judged:
@@ -255,7 +257,6 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
         terms = {"reconstruction": bound["reconstruction"], "diffusion": bound["diffusion"], "prior": bound["prior"],
                  "t0_log_snr": bound["t0"]["log_snr"], "x0_estimate": bound["x0_estimate"],
                  "by_estimator": bound["by_estimator"], "diffusion_by_log_snr": bound["diffusion_by_log_snr"]}
-        prior = unigram_log_probs(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
         uni = unigram_nll(prior, as_batches(lik, 8), d.cfg.model.pad_id)
         return {"dimba": {**{k: bound[k] for k in keep}, "ppl": bound["ppl_bound"], "terms": terms},
                 "ar": {**{k: exact[k] for k in keep}, "ppl": exact["ppl"]},
@@ -263,7 +264,6 @@ def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: 
 
     def context():
         d = models["dimba"]
-        prior = unigram_log_probs(shards, d.cfg.model.vocab_size, d.cfg.model.pad_id)
         return context_use(d.model, schedule_for(d.cfg), as_batches(seqs[:scale.lik_seqs], 8), d.cfg.model.pad_id,
                            prior, device=device)
 
@@ -438,11 +438,11 @@ def write_markdown(report: dict, path: Path) -> None:
                      [[k, v["kind"], v["nll_nats_per_token"], v["stderr_nats"], v["ppl"]] for k, v in lik.items()])
         terms = lik.get("dimba", {}).get("terms")
         if terms:   # where the bound's nats go (all windows; the bound above is on the held-out half)
-            est = terms.get("by_estimator", {})
             md += ["", f"DIMBA's bound = reconstruction {terms['reconstruction']:.3f} (token CE at its t0, log-SNR "
                    f"{terms['t0_log_snr']:g}) + diffusion {terms['diffusion']:.3f} + prior {terms['prior']:.3f} "
-                   f"nats/token, with x0 estimated by {terms.get('x0_estimate', 'head').replace('_', ' ')}"
-                   + "".join(f"; {k.replace('_', ' ')} alone: {v['nll_nats_per_token']:.3f}" for k, v in est.items())
+                   f"nats/token, with x0 estimated by {terms['x0_estimate'].replace('_', ' ')}"
+                   + "".join(f"; {k.replace('_', ' ')} alone: {v['nll_nats_per_token']:.3f}"
+                             for k, v in terms["by_estimator"].items())
                    + ". The diffusion term by band of log-SNR (a band counts only below the t0 chosen):", ""]
             bands = terms["diffusion_by_log_snr"]
             edge = lambda v: "-inf" if v is None else f"{v:.3g}"   # noqa: E731

@@ -115,20 +115,20 @@ def restart_sample(model, cfg, n: int, steps: int, restarts: int, lo: float, hi:
     segment = [round(T * (hi - (hi - lo) * i / n_restart)) for i in range(n_restart + 1)]
     plan = ([[v for v in full if v > stop] + [stop]] + [segment] * restarts      # with restarts 0 and lo on the
             + [[stop] + [v for v in full if v < stop]])                          # grid: sample()'s own steps
+    steps_in = [(k, step_t, step_s) for k, path in enumerate(plan) for step_t, step_s in zip(path[:-1], path[1:])]
     x0, logits = None, None
-    for k, path in enumerate(plan):
-        if k > 0 and k <= restarts:   # forward process from lo up to hi, fresh noise
-            ab_lo, ab_hi = (schedule.alpha_bar(schedule.step_to_t(v)) for v in (path[-1], path[0]))
+    for i, (k, step_t, step_s) in enumerate(steps_in):
+        if 0 < k <= restarts and step_t == segment[0]:   # a restart: forward process from lo up to hi, fresh noise
+            ab_lo, ab_hi = (schedule.alpha_bar(schedule.step_to_t(v)) for v in (segment[-1], segment[0]))
             z = torch.randn(x.shape, generator=g, dtype=dt)
             x = (ab_hi / ab_lo).sqrt() * x + (1 - ab_hi / ab_lo).sqrt() * z
-        for step_t, step_s in zip(path[:-1], path[1:]):
-            t, s = schedule.step_to_t(step_t).to(dt), schedule.step_to_t(step_s).to(dt)
-            ab_t, ab_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
-            x0, logits = model(x.float(), torch.full((n,), float(t)), clean,
-                               x0.float() if (model.self_condition and x0 is not None) else None, with_logits=True)
-            x0 = x0.to(dt)
-            eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
-            x = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+        t, s = schedule.step_to_t(step_t).to(dt), schedule.step_to_t(step_s).to(dt)
+        last = i == len(steps_in) - 1                  # the V-wide logits only where tokens are picked
+        out = model(x.float(), torch.full((n,), float(t)), clean,
+                    x0.float() if (model.self_condition and x0 is not None) else None, with_logits=last)
+        x0, logits = out if last else (out, None)
+        x0 = x0.to(dt)
+        x = sampling.ddim_update(x, x0, schedule.alpha_bar(t), schedule.alpha_bar(s))
     return sampling.pick_tokens(logits, sc_cfg, g)
 
 

@@ -63,6 +63,14 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[t
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
+def ddim_update(x: torch.Tensor, x0_hat: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor, eta: float = 0.0,
+                z: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """One DDIM step from t to s (the module doc's formula); z: fresh noise, used when eta > 0."""
+    eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
+    sigma = eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).clamp_min(0).sqrt()
+    return ab_s.sqrt() * x0_hat + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps_hat + sigma * z
+
+
 @torch.no_grad()
 def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int, length: int,
            clean_tokens: Optional[torch.Tensor] = None, clean: Optional[torch.Tensor] = None,
@@ -121,9 +129,7 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
         z = (torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
              if cfg.sampler == "ddpm" or cfg.eta > 0 else 0.0)
         if cfg.sampler == "ddim":
-            eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
-            sigma = cfg.eta * ((1 - ab_s) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_s).clamp_min(0).sqrt()
-            x = ab_s.sqrt() * x0_hat + (1 - ab_s - sigma ** 2).clamp_min(0).sqrt() * eps_hat + sigma * z
+            x = ddim_update(x, x0_hat, ab_t, ab_s, cfg.eta, z)
         elif cfg.sampler == "ddpm":
             a_ts = ab_t / ab_s                                   # alpha from s to t
             coef_x0 = ab_s.sqrt() * (1 - a_ts) / (1 - ab_t)

@@ -118,10 +118,12 @@ def _batch_terms(model, schedule: NoiseSchedule, tokens, clean, pad_id: int, can
         kl_tok = 0.5 * (ab1 * (x0.pow(2).sum(-1) - d) - d * math.log1p(-ab1))
         prior = (kl_tok * scored).sum(1).double().cpu()
 
+    head_is_mean = getattr(model.cfg, "x0_head", "linear") in ("softmax", "posterior")
+
     def errors(x_t, t) -> torch.Tensor:
         """(B, len(X0_ESTIMATES)) summed squared errors of the model's x0_hat and of its posterior mean."""
         x0_hat, logits = denoise(model, x_t, t, clean, flag)
-        mean = model.token_embedding(probs=logits.float().softmax(-1)).to(x0_hat.dtype)
+        mean = x0_hat if head_is_mean else model.token_embedding(probs=logits.float().softmax(-1)).to(x0_hat.dtype)
         return torch.stack([(((e - x0) ** 2).sum(-1) * scored).sum(1).double().cpu() for e in (x0_hat, mean)], -1)
 
     diffusion = torch.zeros(b, k, len(X0_ESTIMATES), dtype=torch.float64)
