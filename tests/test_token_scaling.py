@@ -41,7 +41,7 @@ def test_the_lines_and_where_the_gap_meets_the_goal():
     rows = [token_scaling.budget_row(report(2 ** k * 1e6, 7.0 - 0.3 * k, 6.0 - 0.2 * k)) for k in range(3)]
     assert [r["gap_nats"] for r in rows] == pytest.approx([1.0, 0.9, 0.8])
     assert rows[1]["ppl_ratio"] == pytest.approx(math.exp(0.9))
-    assert rows[0]["context_gain"] == 0.11 and rows[0]["context_gain_log_snr"] == -2
+    assert rows[0]["context_gain"] == {-3: 0.05, -2: 0.11}
     line = token_scaling.fit(rows)
     assert line["dimba_nats_per_doubling"] == pytest.approx(-0.3)
     assert line["gap_nats_per_doubling"] == pytest.approx(-0.1)
@@ -63,7 +63,8 @@ def test_report_stage_tables_what_was_run(tmp_path):
     assert "steps-400: no likelihood result yet" in proc.stdout
     md = (tmp_path / "scaling.md").read_text()
     assert "| 0.41 M | 6.800 (0.20) | 4.6 | 6.4 | 2.2 |" in md
-    assert "3e+03 @ 8.30 (16)" in md and "none qualifies" in md       # the second budget's row misses the entropy
+    assert "| +0.050 / +0.110 |" in md and "3e+03 @ 8.30 (16)" in md
+    assert "none qualifies" in md                                    # the second budget's row misses the entropy
     assert "the gap does not close" in md                            # 2.2 -> 2.3 nats
     result = json.loads((tmp_path / "scaling.json").read_text())
     assert [b["tokens"] for b in result["budgets"]] == [409600, 819200]
