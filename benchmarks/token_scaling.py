@@ -2,8 +2,8 @@
 """Does the gap between DIMBA and its AR twin close with training tokens? One comparison per token budget.
 
     python benchmarks/token_scaling.py                          # CPU: 100, 200, 400 steps = 0.41, 0.82, 1.64 M
-                                                                #   tokens per model (about 80 min on 2 cores)
-    python benchmarks/token_scaling.py --steps 100,200,400,800  # adds 3.28 M tokens (70 more minutes)
+                                                                #   tokens per model (17 + 24 + 42 min on 2 cores)
+    python benchmarks/token_scaling.py --steps 100,200,400,800  # adds 3.28 M tokens (about 80 min more)
     python benchmarks/token_scaling.py --stage report           # the table from the budgets already run
 
 Each budget N is one full benchmarks/compare_ar.py run in OUT/steps-N (default OUT: runs/scaling-SCALE): both
