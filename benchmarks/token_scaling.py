@@ -89,6 +89,17 @@ def fit(rows: list[dict]) -> dict | None:
     return out
 
 
+def _gen_cell(r: dict) -> str | None:
+    """The table's DIMBA gen-PPL cell: the qualifying row, or why there is none."""
+    if "ar_entropy" not in r:
+        return None                                     # no generation section
+    if r["ar_gen_ppl"] is None:
+        return "no judge"
+    if r["dimba_gen_ppl"] is None:
+        return "none qualifies"
+    return f"{compare_ar._fmt(r['dimba_gen_ppl'])} @ {r['dimba_entropy']:.2f} ({r['dimba_gen_steps']})"
+
+
 def write(out: Path, rows: list[dict], line: dict | None) -> str:
     f = compare_ar._fmt
     md = ["# DIMBA vs its AR twin against training tokens", "",
@@ -102,8 +113,7 @@ def write(out: Path, rows: list[dict], line: dict | None) -> str:
         [[f"{r['tokens'] / 1e6:.2f} M", f"{r['dimba_nats']:.3f} ({r['dimba_stderr']:.2f})", r["ar_nats"],
           r["unigram_nats"], r["gap_nats"], r["ppl_ratio"],
           " / ".join(f"{r['context_gain'][k]:+.3f}" for k in CONTEXT_LOG_SNR) if "context_gain" in r else None,
-          (f"{f(r['dimba_gen_ppl'])} @ {r['dimba_entropy']:.2f} ({r['dimba_gen_steps']})"
-           if r.get("dimba_gen_ppl") else ("none qualifies" if "gen_ratio" in r else None)),
+          _gen_cell(r),
           f"{f(r['ar_gen_ppl'])} @ {r['ar_entropy']:.2f}" if r.get("ar_gen_ppl") else None, r.get("gen_ratio")]
          for r in rows])
     if line:
@@ -162,10 +172,11 @@ def main() -> int:
         if args.stage == "all":
             run_budget(run, steps, args.scale, args.judge, args.extra)
         path = run / "report.json"
-        if not path.is_file() or "likelihood" not in json.loads(path.read_text()):
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        if "likelihood" not in report:
             print(f"[scaling] {run}: no likelihood result yet; run without --stage report to measure it")
             continue
-        rows.append(budget_row(json.loads(path.read_text())))
+        rows.append(budget_row(report))
     if not rows:
         sys.exit(f"[scaling] no budget measured under {out}; run it without --stage report first")
     print(write(out, rows, fit(rows)))

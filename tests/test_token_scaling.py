@@ -10,7 +10,6 @@ import pytest
 
 from tests.launch import ROOT, env
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
 spec = importlib.util.spec_from_file_location("token_scaling", ROOT / "benchmarks" / "token_scaling.py")
 token_scaling = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(token_scaling)
@@ -26,7 +25,7 @@ def report(tokens, dimba, ar, gen=None):
     if gen:
         r["generation"] = [{"model": "data", "steps": None, "unigram_entropy_bits": 8.5, "gen_ppl": 42.0},
                            {"model": "dimba", "steps": 16, "unigram_entropy_bits": gen[1], "gen_ppl": gen[0]},
-                           {"model": "ar", "steps": 128, "unigram_entropy_bits": 8.6, "gen_ppl": 300.0}]
+                           {"model": "ar", "steps": 128, "unigram_entropy_bits": 8.6, "gen_ppl": gen[2]}]
     return r
 
 
@@ -54,10 +53,11 @@ def test_the_lines_and_where_the_gap_meets_the_goal():
 
 
 def test_report_stage_tables_what_was_run(tmp_path):
-    write_budgets(tmp_path, {100: report(409600, 6.8, 4.6, gen=(3000.0, 8.3)),
-                             200: report(819200, 6.5, 4.2, gen=(2500.0, 7.9))})     # 7.9 < 0.95 x 8.5 bits
+    write_budgets(tmp_path, {100: report(409600, 6.8, 4.6, gen=(3000.0, 8.3, 300.0)),
+                             200: report(819200, 6.5, 4.2, gen=(2500.0, 7.9, 300.0)),   # 7.9 < 0.95 x 8.5 bits
+                             300: report(1228800, 6.4, 4.1, gen=(None, 8.3, None))})  # --judge none
     cmd = [sys.executable, "benchmarks/token_scaling.py", "--stage", "report", "--out", str(tmp_path),
-           "--steps", "100,200,400"]
+           "--steps", "100,200,300,400"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "steps-400: no likelihood result yet" in proc.stdout
@@ -65,10 +65,11 @@ def test_report_stage_tables_what_was_run(tmp_path):
     assert "| 0.41 M | 6.800 (0.20) | 4.6 | 6.4 | 2.2 |" in md
     assert "| +0.050 / +0.110 |" in md and "3e+03 @ 8.30 (16)" in md
     assert "none qualifies" in md                                    # the second budget's row misses the entropy
+    assert "| 1.23 M |" in md and "no judge" in md
     assert "the gap does not close" in md                            # 2.2 -> 2.3 nats
     result = json.loads((tmp_path / "scaling.json").read_text())
-    assert [b["tokens"] for b in result["budgets"]] == [409600, 819200]
-    assert result["fit"]["gap_nats_per_doubling"] == pytest.approx(0.1)
+    assert [b["tokens"] for b in result["budgets"]] == [409600, 819200, 1228800]
+    assert result["fit"]["gap_nats_per_doubling"] > 0
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
 
 
