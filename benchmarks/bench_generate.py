@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compare_ar import SCALES  # noqa: E402
 from dimba.config import load_config  # noqa: E402
+from dimba.diffusion.schedule import NoiseSchedule  # noqa: E402
 from dimba.model.build import ar_twin, build_model, count_parameters  # noqa: E402
 from dimba.model.mamba2 import fused_description  # noqa: E402
 from dimba.training.engine import measure_matmul_flops  # noqa: E402
@@ -43,7 +44,7 @@ def build_pair(config: str, overrides: list[str], device: str, dtype: torch.dtyp
     pair = {}
     for kind, c in (("dimba", cfg), ("ar", dataclasses.replace(cfg, model=twin))):
         torch.manual_seed(0)
-        pair[kind] = (build_model(c.model).to(device=device, dtype=dtype).eval(), c)
+        pair[kind] = (build_model(c.model, NoiseSchedule.from_config(c.diffusion)).to(device=device, dtype=dtype).eval(), c)
     return pair
 
 

@@ -118,6 +118,70 @@ def test_x0_heads(head):
         make(x0_head="softmax", tie_embeddings=False)
 
 
+def test_posterior_input():
+    """The denoiser's extra input is the exact context-free posterior mean of each token's embedding: at pure
+    noise the prior's mean, at low noise the token's own embedding, at clean positions x0; the network sees it
+    through in_proj's third block of columns. Without the schedule the model says what it needs."""
+    from dimba.diffusion.schedule import NoiseSchedule, bayes_logits
+
+    torch.manual_seed(0)
+    cfg = make(posterior_input=True)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    model = build_model(cfg.model, schedule)
+    randomize_zero_init(model)
+    assert model.in_proj.in_features == 3 * 8
+    log_p = torch.randn(50)
+    model.init_prior(log_p.numpy())
+    table = model.token_embedding.table()
+    tokens = torch.randint(1, 50, (2, 12))
+    x0 = model.embed(tokens)
+    t = torch.tensor([0.5, 0.8])
+    x_t = schedule.add_noise(x0, t, torch.randn_like(x0))
+    clean = torch.zeros(2, 12, dtype=torch.bool)
+    clean[0, :3] = True
+    x_t = torch.where(clean.unsqueeze(-1), x0, x_t)
+    post = model.posterior_mean(x_t, t, clean)
+    exact = bayes_logits(x_t, schedule.alpha_bar(t), table, model.prior).softmax(-1) @ table
+    torch.testing.assert_close(post[~clean], exact[~clean])
+    torch.testing.assert_close(post[clean], x0[clean])
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    at_noise = model.posterior_mean(torch.randn_like(x0), ones, clean & False)
+    torch.testing.assert_close(at_noise, (model.prior.softmax(-1) @ table).expand_as(at_noise))
+    at_low = model.posterior_mean(schedule.add_noise(x0, zeros + 1e-3, torch.randn_like(x0)), zeros + 1e-3, clean & False)
+    torch.testing.assert_close(at_low, x0, atol=1e-3, rtol=0)
+    out = model(x_t, t, clean, self_cond=torch.randn_like(x_t))
+    out.pow(2).mean().backward()
+    assert model.prior.grad is not None and torch.any(model.prior.grad != 0)
+    assert torch.any(model.in_proj.weight.grad[:, 16:] != 0)
+    with pytest.raises(RuntimeError, match="noise schedule"):
+        build_model(cfg.model)(x_t, t, clean)
+    with pytest.raises(Exception, match="posterior_input"):
+        make(kind="ar", bidirectional=False, posterior_input=True)
+
+
+@pytest.mark.parametrize("head", ["linear", "softmax"])
+def test_logit_prior(head):
+    """model.logit_prior adds the learned per-token prior to the head's logits (and only to them: a linear head's
+    x0_hat is unchanged); init_prior starts it at the data's log-probabilities; the posterior head has its own."""
+    torch.manual_seed(0)
+    plain = build_model(make(x0_head=head).model)
+    torch.manual_seed(0)
+    model = build_model(make(x0_head=head, logit_prior=True).model)
+    log_p = torch.log_softmax(torch.randn(50), -1)
+    model.init_prior(log_p.numpy())
+    x, t, clean = inputs()
+    x0_plain, logits_plain = plain(x, t, clean, with_logits=True)
+    x0_hat, logits = model(x, t, clean, with_logits=True)
+    torch.testing.assert_close(logits, logits_plain + log_p)
+    if head == "linear":
+        torch.testing.assert_close(x0_hat, x0_plain)
+        torch.testing.assert_close(model.logits(x0_hat), logits)
+    else:
+        torch.testing.assert_close(x0_hat, logits.softmax(-1) @ model.token_embedding.table())
+    with pytest.raises(Exception, match="logit_prior"):
+        make(x0_head="posterior", logit_prior=True)
+
+
 def test_time_and_prompt_change_the_output():
     torch.manual_seed(0)
     model = build_model(make().model)

@@ -45,6 +45,13 @@ class ModelConfig:
     # c(t) x_t . table^T, so the network only has to add what the context tells (see dimba/model/dimba.py)
     x0_head: Literal["linear", "softmax", "posterior"] = "linear"
     self_condition: bool = True  # the denoiser takes its previous x0 estimate as an extra input
+    # the denoiser also takes each token's exact context-free posterior mean embedding, E[e_w | x_t] under a learned
+    # prior (started at the train split's unigram): the nonlinear read of a noisy vector the network would otherwise
+    # have to learn, so its layers only have to add context (dimba/model/dimba.py)
+    posterior_input: bool = False
+    # a learned per-token bias on the logits, started at the train split's unigram log-probabilities: a tied head on
+    # normalised embeddings cannot state a unigram prior itself (the posterior head has one built in)
+    logit_prior: bool = False
     # Mamba-2 mixer (same names as mamba_ssm.Mamba2)
     d_state: int = 64
     d_conv: int = 4
@@ -68,6 +75,10 @@ class ModelConfig:
         require(self.d_cond >= 0, f"model.d_cond must be >= 0, got {self.d_cond}")
         require(self.x0_head == "linear" or self.tie_embeddings,
                 f"model.x0_head {self.x0_head!r} needs model.tie_embeddings true (x0_hat is a mixture of the tied table)")
+        require(not self.posterior_input or self.kind == "dimba",
+                "model.posterior_input is a DIMBA input (the AR twin reads clean tokens); set it false")
+        require(not self.logit_prior or (self.kind == "dimba" and self.x0_head != "posterior"),
+                "model.logit_prior is a DIMBA linear/softmax head option (the posterior head has its prior); set it false")
         if self.kind == "ar":
             require(not self.bidirectional, "model.bidirectional must be false when model.kind is 'ar' (it predicts the next token)")
 

@@ -35,6 +35,11 @@ class NoiseSchedule:
         self._sqrt_ab0 = self._raw_alpha_bar(zero).sqrt().item()
         self._sqrt_ab1 = self._raw_alpha_bar(one).sqrt().item()
 
+    @classmethod
+    def from_config(cls, diffusion) -> "NoiseSchedule":
+        """The schedule a `DiffusionConfig` names."""
+        return cls(diffusion.schedule, diffusion.zero_terminal_snr, diffusion.num_steps)
+
     def _raw_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "cosine":
             f = torch.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * (math.pi / 2)) ** 2
@@ -69,6 +74,19 @@ class NoiseSchedule:
         """x_t for a batch: t has shape (B,), x0 and noise (B, ...)."""
         ab = self.alpha_bar(t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def bayes_logits(x_t: torch.Tensor, alpha_bar: torch.Tensor | float, table: torch.Tensor,
+                 log_prior: torch.Tensor) -> torch.Tensor:
+    """log p(w | x_t) + const (B, L, V): the exact posterior of one token from its own noisy vector alone, for
+    x_t = sqrt(ab) e_w + sqrt(1 - ab) noise under the prior `log_prior` (V,):
+    log p(w) + sqrt(ab) / (1 - ab) x_t . e_w - ab / (2 (1 - ab)) |e_w|^2. `alpha_bar` is a float or (B,)."""
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device)
+    ab = ab.view(-1, 1, 1) if ab.dim() else ab
+    one_minus = (1 - ab).clamp_min(1e-6)
+    table = table.float()
+    return (log_prior.float() + (ab.sqrt() / one_minus) * (x_t.float() @ table.t())
+            - (ab / (2 * one_minus)) * table.pow(2).sum(-1))
 
 
 def timestep_grid(num_steps: int, steps: int, spacing: str = "uniform") -> list[int]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dimba.diffusion.objective import denoise
-from dimba.diffusion.schedule import NoiseSchedule
+from dimba.diffusion.schedule import NoiseSchedule, bayes_logits
 from dimba.evaluation.likelihood import t_of_log_snr
 
 LOG_SNRS = (-6.0, -4.0, -3.0, -2.0, -1.0, 0.0)    # the band where a token goes from hidden to readable (d_embed 64)
@@ -65,8 +65,7 @@ def context_use(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id:
             add("shuffled", denoise(model, x_s, t, clean, flag)[1], torch.gather(tokens, 1, perm),
                 torch.gather(scored, 1, perm))
             if prior is not None:
-                add("bayes", prior + (ab ** 0.5 / (1 - ab)) * (x_t @ table.t())
-                    - ab / (2 * (1 - ab)) * table.pow(2).sum(-1), tokens, scored)
+                add("bayes", bayes_logits(x_t, ab, table, prior), tokens, scored)
         ce = {k: (s / n if n else None) for k, (s, n) in sums.items()}
         row = {"log_snr": lam, "t": float(t_of_log_snr(schedule, torch.tensor(lam, dtype=torch.float64))),
                "model_ce": ce["model"], "shuffled_ce": ce["shuffled"], "order_gain": ce["shuffled"] - ce["model"],

@@ -109,7 +109,7 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
     if prior is not None:     # the yardstick: the best NLL of a model that reads no context
         report["likelihood_unigram"] = unigram_nll(prior, batches, cfg.model.pad_id)
     if kind == "dimba":
-        schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
+        schedule = NoiseSchedule.from_config(cfg.diffusion)
         report["likelihood"] = elbo_bound(model, schedule, batches, cfg.model.pad_id, cfg.diffusion.t_min,
                                           opts.t_samples, opts.seed, device)
         done("likelihood")

@@ -48,7 +48,7 @@ class GenerationStats:
 
 
 def schedule_for(cfg) -> NoiseSchedule:
-    return NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
+    return NoiseSchedule.from_config(cfg.diffusion)
 
 
 def frame(requests: list[Request], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,11 +9,12 @@ import torch.nn as nn
 from dimba.config.schema import ModelConfig
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model named by `cfg.kind` ('dimba': diffusion denoiser; 'ar': autoregressive twin)."""
+def build_model(cfg: ModelConfig, schedule=None) -> nn.Module:
+    """The model named by `cfg.kind` ('dimba': diffusion denoiser; 'ar': autoregressive twin). `schedule` (a
+    NoiseSchedule): the denoiser's alpha_bar(t), which it reads itself with model.posterior_input."""
     if cfg.kind == "dimba":
         from dimba.model.dimba import DimbaModel
-        return DimbaModel(cfg)
+        return DimbaModel(cfg, schedule)
     if cfg.kind == "ar":
         from dimba.model.ar import ARModel
         return ARModel(cfg)
@@ -41,9 +42,10 @@ def train_flops_per_token(cfg: ModelConfig, self_cond_prob: float = 0.0) -> floa
     d_out = cfg.d_embed if cfg.kind == "dimba" else cfg.d_model
     fwd = mixers * mixer_flops_per_token(cfg) + 2 * d_out * cfg.vocab_size
     if cfg.kind == "dimba":
-        fwd += 2 * cfg.d_model * cfg.d_embed * (2 if cfg.self_condition else 1) + 2 * cfg.d_model * cfg.d_embed
-        # softmax head: x0_hat = probs @ table; posterior head: also x_t . table^T
-        fwd += {"linear": 0, "softmax": 1, "posterior": 2}[cfg.x0_head] * 2 * cfg.d_embed * cfg.vocab_size
+        fwd += 2 * cfg.d_model * cfg.d_embed * (1 + cfg.self_condition + cfg.posterior_input) + 2 * cfg.d_model * cfg.d_embed
+        # softmax head: x0_hat = probs @ table; posterior head: also x_t . table^T; posterior input: both again
+        fwd += ({"linear": 0, "softmax": 1, "posterior": 2}[cfg.x0_head] + 2 * cfg.posterior_input) \
+            * 2 * cfg.d_embed * cfg.vocab_size
     return 3 * fwd + self_cond_prob * fwd
 
 

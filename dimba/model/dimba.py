@@ -2,7 +2,8 @@
 
     tokens --TokenEmbedding--> x0 (L2-normalised, norm sqrt(d_embed): unit variance per coordinate)
     x_t = noised x0 (clean positions keep x0), self_cond = previous x0 estimate (or 0)
-    h = in_proj([x_t, self_cond]) + clean_embedding * clean
+    post = E[e_w | x_t] under the prior, token by token (posterior_input; clean positions: x0)
+    h = in_proj([x_t, self_cond, post]) + clean_embedding * clean
     c = TimestepEmbedding(t) + PromptEncoder(x0 at clean positions)
     h = DimbaBlock(h, c) x n_layers  (bidirectional Mamba-2, FiLM/additive modulation)
     x0_head "linear":   x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
@@ -22,6 +23,11 @@ head on normalised embeddings cannot state a unigram prior by itself, and withou
 rebuild a token from its own noisy vector at every noise level; with both, the network's logits are a correction
 for what the context adds (dimba/evaluation/context.py measures exactly that).
 
+`posterior_input` feeds the network the same context-free posterior, as its mean embedding: a noisy vector is
+read into "which tokens could this be" by a softmax over the table, a nonlinearity the in_proj -> Mamba stack would
+otherwise have to learn from data before it can use a neighbour at mid noise. It needs the noise schedule (alpha_bar
+of t), which the model is built with (`build_model(cfg.model, schedule)`); the prior is the posterior head's.
+
 Normalised embeddings are what keep the x0-MSE objective from collapsing (free embeddings shrink towards each
 other, which makes the MSE trivially small: Diffusion-LM / DiffuSeq); the CE anchor on the logits keeps them apart.
 """
@@ -34,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dimba.config.schema import ModelConfig
+from dimba.diffusion.schedule import NoiseSchedule
 from dimba.model.block import DimbaBlock
 from dimba.model.conditioning import PromptEncoder, RMSNorm, TimestepEmbedding
 
@@ -66,14 +73,15 @@ class TokenEmbedding(nn.Module):
 
 
 class DimbaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, schedule: NoiseSchedule | None = None):
         super().__init__()
         if cfg.kind != "dimba":
             raise ValueError(f"DimbaModel needs model.kind 'dimba', got {cfg.kind!r}")
         self.cfg = cfg
+        self.schedule = schedule        # alpha_bar(t) for posterior_input (a plain object, not in the state dict)
         d, de, dc = cfg.d_model, cfg.d_embed, cfg.cond_dim
         self.token_embedding = TokenEmbedding(cfg.vocab_size, de, cfg.pad_id)
-        self.in_proj = nn.Linear(de * (2 if cfg.self_condition else 1), d)
+        self.in_proj = nn.Linear(de * (1 + int(cfg.self_condition) + int(cfg.posterior_input)), d)
         self.clean_embedding = nn.Parameter(torch.zeros(d))
         self.time_embedding = TimestepEmbedding(dc)
         self.prompt_encoder = PromptEncoder(de, dc)
@@ -81,24 +89,43 @@ class DimbaModel(nn.Module):
         self.norm_f = RMSNorm(d, cfg.norm_eps)
         self.out_proj = nn.Linear(d, de)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(de, cfg.vocab_size, bias=False)
-        if cfg.x0_head == "posterior":
+        if self.has_prior:
             self.prior = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.x0_head == "posterior":
             self.skip_scale = nn.Linear(dc, 1)
             nn.init.zeros_(self.skip_scale.weight)
             nn.init.constant_(self.skip_scale.bias, -4.0)
 
+    @property
+    def has_prior(self) -> bool:
+        """Whether the model holds a learned per-token prior (posterior head or posterior input)."""
+        return self.cfg.x0_head == "posterior" or self.cfg.posterior_input or self.cfg.logit_prior
+
     @torch.no_grad()
     def init_prior(self, log_probs) -> None:
-        """Start the posterior head's prior at the data's unigram log-probabilities (V,) (-inf entries, such as
+        """Start the learned prior (posterior head, posterior input) at the data's unigram log-probabilities (V,) (-inf entries, such as
         padding, become -30): Adam moves a bias by about lr per step, far too slowly to learn a prior spanning
         ~15 nats from zero, and a wrong prior costs every noise level (the context diagnostic shows it)."""
-        if self.cfg.x0_head != "posterior":
-            raise ValueError(f"init_prior needs model.x0_head 'posterior', not {self.cfg.x0_head!r}")
+        if not self.has_prior:
+            raise ValueError(f"init_prior needs model.x0_head 'posterior' or model.posterior_input, not "
+                             f"x0_head {self.cfg.x0_head!r}")
         log_p = torch.as_tensor(log_probs, dtype=torch.float64).clamp_min(-30.0)
         if log_p.shape != self.prior.shape:
             raise ValueError(f"init_prior: {tuple(log_p.shape)} log-probabilities for a vocabulary of "
                              f"{self.prior.numel()}")
         self.prior.copy_(log_p.to(self.prior))
+
+    def posterior_mean(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """E[e_w | x_t] (B, L, d_embed) float32, token by token under the learned prior (dimba.diffusion.schedule.
+        bayes_logits; the table's rows share one norm, so its |e_w|^2 term is a constant); clean positions keep x_t."""
+        if self.schedule is None:
+            raise RuntimeError("model.posterior_input needs the noise schedule: build the model with "
+                               "build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))")
+        ab = self.schedule.alpha_bar(t.float()).view(-1, 1, 1)
+        scale = ab.sqrt() / (1 - ab).clamp_min(1e-6)
+        logits = self.token_embedding(x=scale * x_t.float()) + self.prior.float()
+        post = self.token_embedding(probs=logits.softmax(-1))
+        return torch.where(clean.unsqueeze(-1), x_t.float(), post)
 
     @property
     def self_condition(self) -> bool:
@@ -109,10 +136,12 @@ class DimbaModel(nn.Module):
         return self.token_embedding(tokens=tokens).float()
 
     def logits(self, x0_hat: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, V) of an x0 estimate, in float32."""
+        """Logits (B, L, V) of an x0 estimate, in float32 (plus the learned prior with model.logit_prior)."""
         if self.lm_head is not None:
-            return self.lm_head(x0_hat.to(self.lm_head.weight.dtype)).float()
-        return self.token_embedding(x=x0_hat).float()
+            logits = self.lm_head(x0_hat.to(self.lm_head.weight.dtype)).float()
+        else:
+            logits = self.token_embedding(x=x0_hat).float()
+        return logits + self.prior.float() if self.cfg.logit_prior else logits
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
                 self_cond: torch.Tensor | None = None, with_logits: bool = False, x0_temperature: float = 1.0):
@@ -121,10 +150,12 @@ class DimbaModel(nn.Module):
         (x0_hat, logits (B, L, V) float32) with `with_logits`: the logits the model's token choice is read from.
         `x0_temperature` (softmax/posterior heads, sampling): x0_hat = softmax(logits / x0_temperature) @ table."""
         dtype = self.in_proj.weight.dtype
-        inp = x_t
+        parts = [x_t]
         if self.cfg.self_condition:
-            inp = torch.cat([x_t, torch.zeros_like(x_t) if self_cond is None else self_cond], dim=-1)
-        h = self.in_proj(inp.to(dtype))
+            parts.append(torch.zeros_like(x_t) if self_cond is None else self_cond)
+        if self.cfg.posterior_input:
+            parts.append(self.posterior_mean(x_t, t, clean))
+        h = self.in_proj(torch.cat(parts, dim=-1).to(dtype))
         h = h + clean.unsqueeze(-1).to(dtype) * self.clean_embedding
         c_time = self.time_embedding(t)
         c = c_time + self.prompt_encoder(x_t.to(dtype), clean)
@@ -137,6 +168,8 @@ class DimbaModel(nn.Module):
                                  "states x0_hat directly); leave it at 1")
             return (out, self.logits(out)) if with_logits else out
         logits = self.token_embedding(x=out)
+        if self.cfg.logit_prior:
+            logits = logits + self.prior.float()
         if self.cfg.x0_head == "posterior":
             scale = self.skip_scale(c_time).float().clamp_max(30.0).exp().view(-1, 1, 1)
             logits = logits + self.token_embedding(x=scale * x_t.float()) + self.prior.float()

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from dimba.config.schema import Config
 from dimba.data.shards import unigram_log_probs
+from dimba.diffusion.schedule import NoiseSchedule
 from dimba.model.build import build_model
 from dimba.training.distributed import DistInfo
 from dimba.training.lr import lr_factor
@@ -80,8 +81,8 @@ def build_engine(cfg: Config, info: DistInfo):
     import deepspeed
 
     torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg.model)
-    if cfg.model.kind == "dimba" and cfg.model.x0_head == "posterior":      # data-dependent init (resume overwrites)
+    model = build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))
+    if getattr(model, "has_prior", False):                  # data-dependent init (resume overwrites)
         log_p = unigram_log_probs(cfg.data.shards, cfg.model.vocab_size, cfg.model.pad_id)
         if log_p is not None:
             model.init_prior(log_p)

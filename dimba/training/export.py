@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dimba.config.core import ConfigError
 from dimba.config.schema import Config, config_from_dict
+from dimba.diffusion.schedule import NoiseSchedule
 from dimba.model.build import build_model, count_parameters
 from dimba.training.checkpoint import COMPLETE, latest_checkpoint, safe_deepspeed_load
 
@@ -168,7 +169,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ModelLoadError(f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model was trained with "
                              f"model.vocab_size={cfg.model.vocab_size}; use the tokenizer the model was trained with")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device).eval()
     return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, step=step, run_dir=run_dir)

@@ -44,7 +44,7 @@ class Trainer:
                  stop: Optional[StopFlag] = None):
         self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
         self.loader, self.val_loader, self.tokenizer = loader, val_loader, tokenizer
-        self.schedule = NoiseSchedule(cfg.diffusion.schedule, cfg.diffusion.zero_terminal_snr, cfg.diffusion.num_steps)
+        self.schedule = NoiseSchedule.from_config(cfg.diffusion)
         self.engine, self.model = build_engine(cfg, info)
         d = cfg.diffusion
         self.warp = (LearnedTimeWarp(d.t_min, d.t_power, start_step=cfg.training.warmup_steps)
