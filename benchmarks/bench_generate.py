@@ -44,7 +44,8 @@ def build_pair(config: str, overrides: list[str], device: str, dtype: torch.dtyp
     pair = {}
     for kind, c in (("dimba", cfg), ("ar", dataclasses.replace(cfg, model=twin))):
         torch.manual_seed(0)
-        pair[kind] = (build_model(c.model, NoiseSchedule.from_config(c.diffusion)).to(device=device, dtype=dtype).eval(), c)
+        model = build_model(c.model, NoiseSchedule.from_config(c.diffusion))
+        pair[kind] = (model.to(device=device, dtype=dtype).eval(), c)
     return pair
 
 

@@ -141,13 +141,14 @@ def test_posterior_input():
     clean[0, :3] = True
     x_t = torch.where(clean.unsqueeze(-1), x0, x_t)
     post = model.posterior_mean(x_t, t, clean)
-    exact = bayes_logits(x_t, schedule.alpha_bar(t), table, model.prior).softmax(-1) @ table
+    exact = bayes_logits(x_t @ table.t(), schedule.alpha_bar(t), model.prior, table.pow(2).sum(-1)).softmax(-1) @ table
     torch.testing.assert_close(post[~clean], exact[~clean])
     torch.testing.assert_close(post[clean], x0[clean])
     ones, zeros = torch.ones(2), torch.zeros(2)
     at_noise = model.posterior_mean(torch.randn_like(x0), ones, clean & False)
     torch.testing.assert_close(at_noise, (model.prior.softmax(-1) @ table).expand_as(at_noise))
-    at_low = model.posterior_mean(schedule.add_noise(x0, zeros + 1e-3, torch.randn_like(x0)), zeros + 1e-3, clean & False)
+    low = zeros + 1e-3
+    at_low = model.posterior_mean(schedule.add_noise(x0, low, torch.randn_like(x0)), low, clean & False)
     torch.testing.assert_close(at_low, x0, atol=1e-3, rtol=0)
     out = model(x_t, t, clean, self_cond=torch.randn_like(x_t))
     out.pow(2).mean().backward()
@@ -180,6 +181,8 @@ def test_logit_prior(head):
         torch.testing.assert_close(x0_hat, logits.softmax(-1) @ model.token_embedding.table())
     with pytest.raises(Exception, match="logit_prior"):
         make(x0_head="posterior", logit_prior=True)
+    with pytest.raises(ValueError, match="learned prior"):
+        plain.init_prior(log_p.numpy())
 
 
 def test_time_and_prompt_change_the_output():

@@ -76,17 +76,18 @@ class NoiseSchedule:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
-def bayes_logits(x_t: torch.Tensor, alpha_bar: torch.Tensor | float, table: torch.Tensor,
-                 log_prior: torch.Tensor) -> torch.Tensor:
+def bayes_logits(dots: torch.Tensor, alpha_bar: torch.Tensor | float, log_prior: torch.Tensor,
+                 sq_norms: torch.Tensor | None = None) -> torch.Tensor:
     """log p(w | x_t) + const (B, L, V): the exact posterior of one token from its own noisy vector alone, for
     x_t = sqrt(ab) e_w + sqrt(1 - ab) noise under the prior `log_prior` (V,):
-    log p(w) + sqrt(ab) / (1 - ab) x_t . e_w - ab / (2 (1 - ab)) |e_w|^2. `alpha_bar` is a float or (B,)."""
-    ab = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device)
+    log p(w) + sqrt(ab) / (1 - ab) x_t . e_w - ab / (2 (1 - ab)) |e_w|^2.
+    `dots`: x_t . table^T (B, L, V); `alpha_bar`: a float or (B,); `sq_norms`: |e_w|^2 (V,), or None for a table
+    whose rows share one norm (the term is then a constant)."""
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float32, device=dots.device)
     ab = ab.view(-1, 1, 1) if ab.dim() else ab
     one_minus = (1 - ab).clamp_min(1e-6)
-    table = table.float()
-    return (log_prior.float() + (ab.sqrt() / one_minus) * (x_t.float() @ table.t())
-            - (ab / (2 * one_minus)) * table.pow(2).sum(-1))
+    logits = log_prior.float() + (ab.sqrt() / one_minus) * dots.float()
+    return logits if sq_norms is None else logits - (ab / (2 * one_minus)) * sq_norms.float()
 
 
 def timestep_grid(num_steps: int, steps: int, spacing: str = "uniform") -> list[int]:

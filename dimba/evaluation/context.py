@@ -65,7 +65,7 @@ def context_use(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id:
             add("shuffled", denoise(model, x_s, t, clean, flag)[1], torch.gather(tokens, 1, perm),
                 torch.gather(scored, 1, perm))
             if prior is not None:
-                add("bayes", bayes_logits(x_t, ab, table, prior), tokens, scored)
+                add("bayes", bayes_logits(x_t @ table.t(), ab, prior, table.pow(2).sum(-1)), tokens, scored)
         ce = {k: (s / n if n else None) for k, (s, n) in sums.items()}
         row = {"log_snr": lam, "t": float(t_of_log_snr(schedule, torch.tensor(lam, dtype=torch.float64))),
                "model_ce": ce["model"], "shuffled_ce": ce["shuffled"], "order_gain": ce["shuffled"] - ce["model"],

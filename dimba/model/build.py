@@ -42,7 +42,8 @@ def train_flops_per_token(cfg: ModelConfig, self_cond_prob: float = 0.0) -> floa
     d_out = cfg.d_embed if cfg.kind == "dimba" else cfg.d_model
     fwd = mixers * mixer_flops_per_token(cfg) + 2 * d_out * cfg.vocab_size
     if cfg.kind == "dimba":
-        fwd += 2 * cfg.d_model * cfg.d_embed * (1 + cfg.self_condition + cfg.posterior_input) + 2 * cfg.d_model * cfg.d_embed
+        in_blocks = 1 + cfg.self_condition + cfg.posterior_input            # x_t, self_cond, posterior mean
+        fwd += 2 * cfg.d_model * cfg.d_embed * in_blocks + 2 * cfg.d_model * cfg.d_embed
         # softmax head: x0_hat = probs @ table; posterior head: also x_t . table^T; posterior input: both again
         fwd += ({"linear": 0, "softmax": 1, "posterior": 2}[cfg.x0_head] + 2 * cfg.posterior_input) \
             * 2 * cfg.d_embed * cfg.vocab_size

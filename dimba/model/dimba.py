@@ -26,7 +26,7 @@ for what the context adds (dimba/evaluation/context.py measures exactly that).
 `posterior_input` feeds the network the same context-free posterior, as its mean embedding: a noisy vector is
 read into "which tokens could this be" by a softmax over the table, a nonlinearity the in_proj -> Mamba stack would
 otherwise have to learn from data before it can use a neighbour at mid noise. It needs the noise schedule (alpha_bar
-of t), which the model is built with (`build_model(cfg.model, schedule)`); the prior is the posterior head's.
+of t), which the model is built with (`build_model(cfg.model, schedule)`); the prior is the posterior head's (and model.logit_prior's).
 
 Normalised embeddings are what keep the x0-MSE objective from collapsing (free embeddings shrink towards each
 other, which makes the MSE trivially small: Diffusion-LM / DiffuSeq); the CE anchor on the logits keeps them apart.
@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dimba.config.schema import ModelConfig
-from dimba.diffusion.schedule import NoiseSchedule
+from dimba.diffusion.schedule import NoiseSchedule, bayes_logits
 from dimba.model.block import DimbaBlock
 from dimba.model.conditioning import PromptEncoder, RMSNorm, TimestepEmbedding
 
@@ -98,17 +98,17 @@ class DimbaModel(nn.Module):
 
     @property
     def has_prior(self) -> bool:
-        """Whether the model holds a learned per-token prior (posterior head or posterior input)."""
+        """Whether the model holds a learned per-token prior (posterior head, posterior input or logit prior)."""
         return self.cfg.x0_head == "posterior" or self.cfg.posterior_input or self.cfg.logit_prior
 
     @torch.no_grad()
     def init_prior(self, log_probs) -> None:
-        """Start the learned prior (posterior head, posterior input) at the data's unigram log-probabilities (V,) (-inf entries, such as
-        padding, become -30): Adam moves a bias by about lr per step, far too slowly to learn a prior spanning
+        """Start the learned prior (see has_prior) at the data's unigram log-probabilities (V,) (-inf entries, such
+        as padding, become -30): Adam moves a bias by about lr per step, far too slowly to learn a prior spanning
         ~15 nats from zero, and a wrong prior costs every noise level (the context diagnostic shows it)."""
         if not self.has_prior:
-            raise ValueError(f"init_prior needs model.x0_head 'posterior' or model.posterior_input, not "
-                             f"x0_head {self.cfg.x0_head!r}")
+            raise ValueError("init_prior needs a learned prior: model.x0_head 'posterior', model.posterior_input "
+                             "or model.logit_prior")
         log_p = torch.as_tensor(log_probs, dtype=torch.float64).clamp_min(-30.0)
         if log_p.shape != self.prior.shape:
             raise ValueError(f"init_prior: {tuple(log_p.shape)} log-probabilities for a vocabulary of "
@@ -116,14 +116,12 @@ class DimbaModel(nn.Module):
         self.prior.copy_(log_p.to(self.prior))
 
     def posterior_mean(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-        """E[e_w | x_t] (B, L, d_embed) float32, token by token under the learned prior (dimba.diffusion.schedule.
-        bayes_logits; the table's rows share one norm, so its |e_w|^2 term is a constant); clean positions keep x_t."""
+        """E[e_w | x_t] (B, L, d_embed) float32, token by token under the learned prior (the table's rows share one
+        norm, so bayes_logits needs no |e_w|^2 term); clean positions keep x_t."""
         if self.schedule is None:
             raise RuntimeError("model.posterior_input needs the noise schedule: build the model with "
                                "build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))")
-        ab = self.schedule.alpha_bar(t.float()).view(-1, 1, 1)
-        scale = ab.sqrt() / (1 - ab).clamp_min(1e-6)
-        logits = self.token_embedding(x=scale * x_t.float()) + self.prior.float()
+        logits = bayes_logits(self.token_embedding(x=x_t.float()), self.schedule.alpha_bar(t.float()), self.prior)
         post = self.token_embedding(probs=logits.softmax(-1))
         return torch.where(clean.unsqueeze(-1), x_t.float(), post)
 

@@ -82,7 +82,7 @@ def build_engine(cfg: Config, info: DistInfo):
 
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))
-    if getattr(model, "has_prior", False):                  # data-dependent init (resume overwrites)
+    if cfg.model.kind == "dimba" and model.has_prior:       # data-dependent init (resume overwrites)
         log_p = unigram_log_probs(cfg.data.shards, cfg.model.vocab_size, cfg.model.pad_id)
         if log_p is not None:
             model.init_prior(log_p)
