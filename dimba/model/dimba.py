@@ -49,15 +49,15 @@ class TokenEmbedding(nn.Module):
     """Token table used both ways. Everything that reads the table goes through `forward`, so that ZeRO-3 (which
     gathers a module's partitioned parameters only around its forward) sees every use."""
 
-    def __init__(self, vocab_size: int, d_embed: int, pad_id: int, normalize: bool = True):
+    def __init__(self, vocab_size: int, d_embed: int, pad_id: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(vocab_size, d_embed))
         self.pad_id = pad_id
-        self.normalize = normalize
         self.scale = math.sqrt(d_embed)
 
     def table(self) -> torch.Tensor:
-        return F.normalize(self.weight, dim=-1) * self.scale if self.normalize else self.weight
+        """Every row L2-normalised to norm sqrt(d_embed): unit variance per coordinate, the noise's scale."""
+        return F.normalize(self.weight, dim=-1) * self.scale
 
     def forward(self, tokens: torch.Tensor | None = None, x: torch.Tensor | None = None,
                 probs: torch.Tensor | None = None) -> torch.Tensor:
