@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole product on the bundled corpus, on this machine: set-up -> prepare -> train with DeepSpeed -> convert
-# -> sample. CPU: 2 ranks of configs/tiny.json (about 10 minutes on 2 cores). GPU: every GPU of the machine.
+# -> sample. CPU: 2 ranks of configs/tiny.json (about 15 minutes on 2 cores). GPU: every GPU of the machine.
 # Re-running resumes training from runs/tiny (delete it for a fresh run). Extra args go to launch/train.py,
 # e.g. tools/demo.sh --set training.max_steps=50
 set -euo pipefail

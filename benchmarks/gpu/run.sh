@@ -5,7 +5,7 @@
 #   device run:  bash benchmarks/gpu/run.sh check      carry [".whl"]             at most 9.5 minutes (limits)
 #                bash benchmarks/gpu/run.sh compare S  carry [".whl", "runs/compare-gpu/shards"]
 #                                                      S seconds of DIMBA training, as many steps for the AR twin;
-#                                                      at most 2 S + 6.5 minutes (limits): S <= 120
+#                                                      at most 2 S seconds + 6.5 minutes (limits): S <= 100
 #
 # check:   1 install the carried wheels; the GPU, torch and what the fused mixer path runs on
 #          2 the CUDA-only tests: fused Mamba-2 vs mamba_ssm's module and vs the chunked scan (forward, backward,
@@ -19,13 +19,15 @@
 #
 # Each step has its own time limit and the script goes on past a failed one; everything lands in $OUT (the device
 # tool brings it back): log.txt, one JSON per measurement, and at the end summary.txt. Without $OUT (a dry run on
-# a CPU machine: `bash benchmarks/gpu/run.sh check`) it writes to runs/gpu-check and uses toy sizes.
+# a CPU machine: `bash benchmarks/gpu/run.sh check`) it writes to $DIMBA_RUNS/gpu-check (DIMBA_RUNS defaults to
+# runs) and uses toy sizes; tests/test_gpu_kit.py runs both modes so.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-check}
 BUDGET=${2:-120}
 DEVICE_TOOL=${OUT:+1}          # $OUT is set by the device tool only
-OUT=${OUT:-runs/gpu-check}
+RUNS=${DIMBA_RUNS:-runs}      # where the comparison's runs go (on the device: runs/compare-gpu, its shards carried)
+OUT=${OUT:-$RUNS/gpu-check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
@@ -65,6 +67,7 @@ else   # a dry run of the script's plumbing on a CPU machine
   GPU=0; MIXER=(--seq-len 256 --iters 2); TRAIN125=(--config configs/tiny.json)
   GEN=(--scale smoke); PROBE=(--scale smoke)
 fi
+CORPUS=(); [ "$GPU" = 1 ] || CORPUS=(--corpus 'data_prep/corpus/*.txt')   # a dry run shards the bundled corpus
 
 if [ "$MODE" = check ]; then
   # the limits add up to 560 s, inside one 600 s device call; what a killed step printed stays in log.txt
@@ -80,11 +83,12 @@ elif [ "$MODE" = compare ]; then
     || { echo "no throughput probe: not starting the comparison"; exit 1; }
   echo "fitting $BUDGET s of DIMBA training: $STEPS steps for each model"
   step compare $((2 * BUDGET + 240)) $PY benchmarks/compare_ar.py --scale $SCALE --judge none \
+    --out "$RUNS/compare-$SCALE" "${CORPUS[@]}" \
     --sections likelihood,context,generation,speed --set "training.max_steps=$STEPS" \
     --set "training.warmup_steps=$((STEPS / 10 + 1))" --set "training.checkpoint_every=$STEPS" \
     --set "evaluation.val_every=$STEPS"
   for f in report.json report.md compare.png; do        # the device tool brings back 8 files at most
-    cp "runs/compare-$SCALE/$f" "$OUT/" 2>/dev/null
+    cp "$RUNS/compare-$SCALE/$f" "$OUT/" 2>/dev/null
   done
 else
   echo "usage: bash benchmarks/gpu/run.sh check | compare SECONDS"; exit 2
