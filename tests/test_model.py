@@ -207,6 +207,25 @@ def test_embeddings_are_normalised_and_padding_is_zero():
     assert norms[2].item() == 0.0
 
 
+def test_free_embedding_rows():
+    """model.embed_norm "none": the table is the raw weight, so a row's norm is learned (it starts near sqrt(d_embed)
+    as the normalised one); the options that assume rows of one norm refuse it."""
+    torch.manual_seed(0)
+    model = build_model(make(embed_norm="none").model)
+    emb = model.token_embedding
+    with torch.no_grad():
+        emb.weight[5] *= 3.0
+    e = model.embed(torch.tensor([[5, 6, 0]]))[0]
+    torch.testing.assert_close(e[:2], emb.weight[[5, 6]])
+    assert e[2].abs().sum() == 0.0 and e[0].norm() > 2 * 8 ** 0.5
+    x, t, clean = inputs()
+    x0_hat, logits = model(x, t, clean, with_logits=True)
+    torch.testing.assert_close(logits, x0_hat @ emb.weight.t())
+    for bad in ({"x0_head": "posterior"}, {"posterior_input": True}):
+        with pytest.raises(Exception, match="embed_norm"):
+            make(embed_norm="none", **bad)
+
+
 def test_each_direction_is_a_standard_mamba2():
     """The state dict of every mixer has exactly mamba_ssm.Mamba2's keys, so each direction loads there."""
     model = build_model(make().model)

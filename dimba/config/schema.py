@@ -34,6 +34,10 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     d_embed: int = 64            # diffusion space: tokens are embedded to d_embed, L2-normalised to norm sqrt(d_embed)
+    # "l2": every row of the table at norm sqrt(d_embed) (unit variance per coordinate, the noise's scale); "none":
+    # the rows are free (Diffusion-LM's learned embeddings, held in place only by the CE term), so a row's norm can
+    # carry how often its token occurs and how early in the noise it is read
+    embed_norm: Literal["l2", "none"] = "l2"
     bidirectional: bool = True   # forward + reversed scan per block (False: causal, for ablation and the AR twin)
     conditioning: Literal["film", "additive"] = "film"
     d_cond: int = 0              # width of the conditioning vector (0: same as d_model)
@@ -79,6 +83,9 @@ class ModelConfig:
                 "model.posterior_input is a DIMBA input (the AR twin reads clean tokens); set it false")
         require(not self.logit_prior or (self.kind == "dimba" and self.x0_head != "posterior"),
                 "model.logit_prior is a DIMBA linear/softmax head option (the posterior head has its prior); set it false")
+        require(self.embed_norm == "l2" or (self.x0_head != "posterior" and not self.posterior_input),
+                "model.embed_norm 'none' leaves the table's rows of unequal norm, which the posterior head and "
+                "model.posterior_input assume equal; use embed_norm 'l2' with them")
         if self.kind == "ar":
             require(not self.bidirectional, "model.bidirectional must be false when model.kind is 'ar' (it predicts the next token)")
 

@@ -1,6 +1,6 @@
 """The DIMBA denoiser: noisy token embeddings in, estimate of the clean embeddings (x0) out.
 
-    tokens --TokenEmbedding--> x0 (L2-normalised, norm sqrt(d_embed): unit variance per coordinate)
+    tokens --TokenEmbedding--> x0 (L2-normalised, norm sqrt(d_embed): unit variance per coordinate; or free rows)
     x_t = noised x0 (clean positions keep x0), self_cond = previous x0 estimate (or 0)
     post = E[e_w | x_t] under the prior, token by token (posterior_input; clean positions: x0)
     h = in_proj([x_t, self_cond, post]) + clean_embedding * clean
@@ -49,15 +49,17 @@ class TokenEmbedding(nn.Module):
     """Token table used both ways. Everything that reads the table goes through `forward`, so that ZeRO-3 (which
     gathers a module's partitioned parameters only around its forward) sees every use."""
 
-    def __init__(self, vocab_size: int, d_embed: int, pad_id: int):
+    def __init__(self, vocab_size: int, d_embed: int, pad_id: int, normalize: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(vocab_size, d_embed))
+        self.weight = nn.Parameter(torch.randn(vocab_size, d_embed))     # rows start near norm sqrt(d_embed)
         self.pad_id = pad_id
+        self.normalize = normalize
         self.scale = math.sqrt(d_embed)
 
     def table(self) -> torch.Tensor:
-        """Every row L2-normalised to norm sqrt(d_embed): unit variance per coordinate, the noise's scale."""
-        return F.normalize(self.weight, dim=-1) * self.scale
+        """Every row L2-normalised to norm sqrt(d_embed) (unit variance per coordinate, the noise's scale), or the
+        free rows (model.embed_norm "none")."""
+        return F.normalize(self.weight, dim=-1) * self.scale if self.normalize else self.weight
 
     def forward(self, tokens: torch.Tensor | None = None, x: torch.Tensor | None = None,
                 probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,7 +82,7 @@ class DimbaModel(nn.Module):
         self.cfg = cfg
         self.schedule = schedule        # alpha_bar(t) for posterior_input (a plain object, not in the state dict)
         d, de, dc = cfg.d_model, cfg.d_embed, cfg.cond_dim
-        self.token_embedding = TokenEmbedding(cfg.vocab_size, de, cfg.pad_id)
+        self.token_embedding = TokenEmbedding(cfg.vocab_size, de, cfg.pad_id, normalize=cfg.embed_norm == "l2")
         self.in_proj = nn.Linear(de * (1 + int(cfg.self_condition) + int(cfg.posterior_input)), d)
         self.clean_embedding = nn.Parameter(torch.zeros(d))
         self.time_embedding = TimestepEmbedding(dc)
