@@ -7,7 +7,7 @@ import pytest
 
 from tests.launch import ROOT, run
 
-pytestmark = pytest.mark.slow   # about 1.5 minutes for both modes on 2 cores
+pytestmark = pytest.mark.slow   # about 2 minutes for both modes on 2 cores
 
 
 def dry_run(tmp_path, monkeypatch, *args: str) -> tuple[list[str], object]:

@@ -38,6 +38,7 @@ def context_use(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id:
     `dimba.data.shards.unigram_log_probs` of the train split; None leaves out the Bayes reference."""
     batches = list(batches)
     table = model.token_embedding.table().detach().float()
+    sq_norms = table.pow(2).sum(-1)                 # |e_w|^2: free rows (model.embed_norm "none") differ
     prior = torch.as_tensor(log_prior, dtype=torch.float32, device=device) if log_prior is not None else None
     rows = []
     for lam in log_snrs:
@@ -65,7 +66,7 @@ def context_use(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id:
             add("shuffled", denoise(model, x_s, t, clean, flag)[1], torch.gather(tokens, 1, perm),
                 torch.gather(scored, 1, perm))
             if prior is not None:
-                add("bayes", bayes_logits(x_t @ table.t(), ab, prior, table.pow(2).sum(-1)), tokens, scored)
+                add("bayes", bayes_logits(x_t @ table.t(), ab, prior, sq_norms), tokens, scored)
         ce = {k: (s / n if n else None) for k, (s, n) in sums.items()}
         row = {"log_snr": lam, "t": float(t_of_log_snr(schedule, torch.tensor(lam, dtype=torch.float64))),
                "model_ce": ce["model"], "shuffled_ce": ce["shuffled"], "order_gain": ce["shuffled"] - ce["model"],
