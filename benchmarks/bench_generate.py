@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Generation speed: DIMBA at T denoising steps against its equal-parameter AR twin decoding the same tokens.
+"""Generation speed: Gaussian and masked DIMBA at T denoising steps against the equal-parameter AR twin decoding the
+same tokens.
 
     python benchmarks/bench_generate.py                          # configs/tiny.json pair on this CPU (fp32)
     python benchmarks/bench_generate.py --scale gpu              # the comparison's GPU-scale pair (bf16 on CUDA)
     python benchmarks/bench_generate.py --config configs/125m.json --batch 1 64 --out runs/bench-generate.json
 
-Latency does not depend on the weights, so both models are built at random init from the config (DIMBA) and
-`dimba.model.build.ar_twin` (the AR twin): the speed half of benchmarks/compare_ar.py without training, for a
-short GPU lease. Timing is `dimba.evaluation.speed.time_generation` (one warm-up, median of --repeats, the device
+Latency does not depend on the weights, so the models are built at random init from the config (both DIMBA
+objectives) and `dimba.objectives.ar_twin` (the AR twin): the speed half of benchmarks/compare_ar.py without
+training. The masked sampler skips a step's forward when the step reveals nothing (MDLM's caching), so at random
+init, where reveals are uniform, its latency is what a trained model's is. Timing is `dimba.evaluation.speed.time_generation` (one warm-up, median of --repeats, the device
 synchronised around each batch; the final token pick runs on the device for both). DIMBA runs T full bidirectional
 passes over the whole length; the AR twin one recurrent step per token (eager PyTorch, `Mamba2.step`, no CUDA
 graphs). On a CPU the table also gives an fp32 matmul measured in the same run: quote CPU speeds as ratios to it.
@@ -28,8 +30,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from compare_ar import SCALES  # noqa: E402
 from dimba.config import load_config  # noqa: E402
-from dimba.diffusion.schedule import NoiseSchedule  # noqa: E402
-from dimba.model.build import ar_twin, build_model, count_parameters  # noqa: E402
+from dimba.data.tokenizer import MASK_ID  # noqa: E402
+from dimba.model.build import count_parameters  # noqa: E402
+from dimba.objectives import ar_twin, build_model  # noqa: E402
 from dimba.model.mamba2 import fused_description  # noqa: E402
 from dimba.training.engine import measure_matmul_flops  # noqa: E402
 from dimba.evaluation.speed import ar_speedup, speed_rows  # noqa: E402
@@ -38,14 +41,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_pair(config: str, overrides: list[str], device: str, dtype: torch.dtype) -> dict:
-    """{'dimba': (model, cfg), 'ar': (model, cfg)} at random init, in eval mode on `device` in `dtype`."""
-    cfg = load_config(config, overrides)
-    twin, _, _ = ar_twin(cfg.model)
+    """{'gaussian' | 'masked' | 'ar': (model, cfg)} at random init, in eval mode on `device` in `dtype`."""
+    cfg = load_config(config, overrides + ["objective=gaussian"])
+    twin, _, _ = ar_twin(cfg)
+    masked = dataclasses.replace(cfg, objective="masked", model=dataclasses.replace(cfg.model, mask_id=MASK_ID))
     pair = {}
-    for kind, c in (("dimba", cfg), ("ar", dataclasses.replace(cfg, model=twin))):
+    for kind, c in (("gaussian", cfg), ("masked", masked), ("ar", twin)):
         torch.manual_seed(0)
-        model = build_model(c.model, NoiseSchedule.from_config(c.diffusion))
-        pair[kind] = (model.to(device=device, dtype=dtype).eval(), c)
+        pair[kind] = (build_model(c).to(device=device, dtype=dtype).eval(), c)
     return pair
 
 
@@ -85,12 +88,13 @@ def main() -> int:
     rows = ar_speedup(speed_rows(pair, steps, batches, length, args.repeats, args.device))
 
     print(f"\n{setup['device']}, {setup['dtype']}, {length} tokens per sample; mixer: {setup['mixer']}")
-    print(f"dimba {setup['parameters']['dimba']:,} parameters ({setup['layers']['dimba']} bidirectional layers), "
+    print(f"gaussian {setup['parameters']['gaussian']:,} parameters, masked {setup['parameters']['masked']:,} "
+          f"({setup['layers']['gaussian']} bidirectional layers), "
           f"ar {setup['parameters']['ar']:,} ({setup['layers']['ar']} layers)"
           + (f"; fp32 matmul {setup['fp32_matmul_gflops']:.0f} GFLOP/s" if on_cpu else ""))
-    print(f"{'model':<6} {'T':>5} {'batch':>6} {'latency s':>10} {'tokens/s':>10} {'AR latency / this':>18}")
+    print(f"{'model':<8} {'T':>5} {'batch':>6} {'latency s':>10} {'tokens/s':>10} {'AR latency / this':>18}")
     for r in rows:
-        print(f"{r['model']:<6} {r['steps']:>5} {r['batch']:>6} {r['latency_s']:>10.4f} {r['tokens_per_s']:>10.0f} "
+        print(f"{r['model']:<8} {r['steps']:>5} {r['batch']:>6} {r['latency_s']:>10.4f} {r['tokens_per_s']:>10.0f} "
               f"{r['ar_over_this']:>18.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

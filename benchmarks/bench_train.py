@@ -7,7 +7,7 @@
 
 Times `Trainer.train_step` (micro-batches, backward, DeepSpeed step, EMA) after warm-up steps, on random tokens
 (the loader is benchmarked separately in bench_data.py and is far faster than any step here) or on real shards
-with --shards. MFU = training FLOPs per token (dimba.model.build.train_flops_per_token: Megatron's Mamba-2
+with --shards. MFU = training FLOPs per token (the objective's flops_per_token: Megatron's Mamba-2
 count x3 for fwd+bwd, plus logits and the self-conditioning forward) x tokens/s / peak. The peak is
   - CPU: an fp32 1024^3 matmul measured in the same run (so CPU speeds are ratios, not absolute claims);
   - GPU: both the dense bf16 datasheet peak (989 TFLOP/s for H100/H200) and a bf16 8192^3 matmul measured here.

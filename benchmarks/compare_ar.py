@@ -1,38 +1,43 @@
 #!/usr/bin/env python
-"""DIMBA against its autoregressive twin: equal parameters, equal tokens, the same shards; quality and speed.
+"""Gaussian DIMBA and masked DIMBA against their autoregressive twin: equal parameters (the twin's depth matched to
+the masked model; the Gaussian one, with its embedding-space projections, is about 6% larger), equal tokens,
+the same shards and the same engine; quality and speed.
 
-    python benchmarks/compare_ar.py                         # CPU scale (50 min on 2 cores: data 1 s, train
-                                                            #   736 + 637 s, eval 27 min of which speed 17)
-    python benchmarks/compare_ar.py --scale gpu --judge none --set training.max_steps=N   # one GPU; on a lent
-                                                            #   one through benchmarks/gpu/run.sh compare S, which
-                                                            #   fits N to S seconds of training
+    python benchmarks/compare_ar.py                         # CPU scale: three models of configs/tiny.json
+    python benchmarks/compare_ar.py --models masked,ar      # only some of them (ar always)
+    python benchmarks/compare_ar.py --scale gpu --judge none --set training.max_steps=N   # one GPU, through
+                                                            #   benchmarks/gpu/run.sh compare S, which fits N to
+                                                            #   S seconds of training
     python benchmarks/compare_ar.py --stage report          # redraw the table and the PNG from report.json
 
 Stages, in order (each skipped when its result exists, so re-running continues; training resumes):
-  data         data_prep/shard.py on --corpus (default ../shared/data/gutenberg, at the GPU scale with
-               ../shared/data/more too; else the bundled corpus), with
-               the committed 4096-piece tokenizer, into OUT/shards (2% of the documents held out as val)
-  train-dimba  deepspeed launch/train.py: the scale's DIMBA config (with diffusion.cond_dropout for guidance)
-  train-ar     the same command for the AR twin: dimba.model.build.ar_twin picks the depth that equalises the
-               parameter count; same steps, micro-batch, ranks and seq_len, hence the same tokens, same shards
-  eval         both models (EMA weights), on held-out windows of the val split:
-                 likelihood   DIMBA: ELBO upper bound (dimba.evaluation.likelihood), with its terms and the
-                              diffusion term by band of log-SNR; AR: exact NLL -> PPL; and the exact NLL of the
-                              train split's unigram model (the best a model that reads no context can do)
-                 context      DIMBA: what its context earns the denoiser at each noise level, against the
-                              exact context-free posterior (dimba.evaluation.context)
-                 generation   unconditional samples, DIMBA at each T, AR decode of the same length: unigram
-                              entropy, seq-rep-4 and gen-PPL under the judge (default SmolLM2-135M-Instruct Q4_1,
-                              an AR model trained on ~2T tokens of other text), beside held-out text's
-                 infill       middle half hidden: DIMBA with prefix+suffix, DIMBA and AR with the prefix only
-                 guidance     prompted DIMBA samples at guidance s (classifier-free), AR continuations beside
-                 speed        latency / tokens/s of generating --speed-length tokens at batch 1 and 64:
-                              DIMBA at each T vs AR recurrent decode of the same length
-               -> OUT/report.json (written after every section)
-  report       OUT/report.md (tables + goals) and OUT/compare.png (quality against latency)
+  data            data_prep/shard.py on --corpus (default ../shared/data/gutenberg, at the GPU scale with
+                  ../shared/data/more too; else the bundled corpus), with the committed 4096-piece tokenizer,
+                  into OUT/shards (2% of the documents held out as val)
+  train-gaussian  deepspeed launch/train.py: the scale's config with objective gaussian (diffusion.cond_dropout)
+  train-masked    the same with objective masked (masked.cond_dropout for guidance)
+  train-ar        the same for the AR twin: dimba.objectives.ar_twin picks the depth that equalises the parameter
+                  count; same steps, micro-batch, ranks and seq_len, hence the same tokens, same shards
+  eval            every model (EMA weights), on held-out windows of the val split:
+                    likelihood  each objective's own: Gaussian ELBO bound (with its terms and the diffusion term
+                                by band of log-SNR), masked NELBO bound, AR exact NLL, at every kept checkpoint
+                                (last and best); and the exact NLL of the train split's unigram model
+                    context     Gaussian: what its context earns the denoiser at each noise level, against the
+                                exact context-free posterior (dimba.objectives.gaussian.context)
+                    generation  unconditional samples, each diffusion model at each T (masked: both samplers), AR
+                                decode of the same length: unigram entropy, seq-rep-4 and gen-PPL under the judge
+                                (default SmolLM2-135M-Instruct Q4_1, trained on ~2T tokens of other text)
+                    infill      middle half hidden: diffusion models with prefix+suffix and with the prefix only,
+                                AR with the prefix only
+                    guidance    prompted samples at guidance s (classifier-free), AR continuations beside; the
+                                prompt gain (dimba.evaluation.prompted.prompt_gain)
+                    speed       latency / tokens/s of generating --speed-length tokens at batch 1 and 64
+                    sampling    eval-time levers (no retraining)
+                  -> OUT/report.json (written after every section)
+  report          OUT/report.md (tables + goals) and OUT/compare.png (quality against latency)
 
-Equal tokens: both runs train max_steps x micro-batch x ranks x seq_len tokens. DIMBA's loss skips clean
-(prompt) positions, so it is graded on slightly fewer tokens than it reads; both read the same ones.
+Equal tokens: every run trains max_steps x micro-batch x ranks x seq_len tokens. The diffusion losses skip clean
+(prompt) positions, so they are graded on slightly fewer tokens than they read; all read the same ones.
 """
 from __future__ import annotations
 
@@ -54,16 +59,17 @@ import torch  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
 from dimba.data.shards import unigram_log_probs  # noqa: E402
-from dimba.evaluation.context import context_use  # noqa: E402
+from dimba.data.tokenizer import MASK_ID  # noqa: E402
 from dimba.evaluation.infill import infill  # noqa: E402
 from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
-from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, unigram_nll  # noqa: E402
-from dimba.evaluation.prompted import bleu  # noqa: E402
+from dimba.objectives.nll import unigram_nll  # noqa: E402
+from dimba.evaluation.prompted import bleu, prompt_gain  # noqa: E402
 from dimba.evaluation.speed import ar_speedup, speed_rows  # noqa: E402
-from dimba.evaluation.textgen import Request, generate, schedule_for  # noqa: E402
+from dimba.evaluation.textgen import Request, generate  # noqa: E402
 from dimba.evaluation.textstats import text_stats  # noqa: E402
 from dimba.evaluation.valdata import as_batches, val_sequences  # noqa: E402
-from dimba.model.build import ar_twin, count_parameters  # noqa: E402
+from dimba.model.build import count_parameters  # noqa: E402
+from dimba.objectives import ar_twin  # noqa: E402
 from dimba.training.distributed import deepspeed_command  # noqa: E402
 from dimba.training.export import load_model_dir, resolve_checkpoint  # noqa: E402
 
@@ -71,13 +77,18 @@ TOKENIZER = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "gutenberg" / "*.txt"
 SHARED_MORE = ROOT.parent / "shared" / "data" / "more" / "*.txt.gz"     # 31 MB more prose (gzip)
 BUNDLED_CORPUS = ROOT / "data_prep" / "corpus" / "*.txt"
-KINDS = ("dimba", "ar")
+MODELS = ("gaussian", "masked", "ar")     # the objectives compared; each model's run directory is OUT/NAME
+DIFFUSION = ("gaussian", "masked")
 # eval-time levers (no retraining), unconditional samples at the guidance section's T; temperature and top_p rows
-# are repeated for the AR twin (same options, same meaning: its token pick).
-SAMPLING_LEVERS = [("config (ddim, uniform, top_p 0.95)", {}), ("spacing quadratic", {"spacing": "quadratic"}),
-                   ("spacing trailing", {"spacing": "trailing"}), ("sampler ddpm", {"sampler": "ddpm"}),
-                   ("top_p 1.0", {"top_p": 1.0}), ("temperature 0.8", {"temperature": 0.8}),
-                   ("temperature 0.9", {"temperature": 0.9})]
+# are repeated for every model (same options, same meaning: its token pick).
+TOKEN_LEVERS = [("top_p 1.0", {"top_p": 1.0}), ("temperature 0.8", {"temperature": 0.8}),
+                ("temperature 0.9", {"temperature": 0.9})]
+LEVERS = {"gaussian": [("config (ddim, uniform, top_p 0.95)", {}), ("spacing quadratic", {"spacing": "quadratic"}),
+                       ("spacing trailing", {"spacing": "trailing"}), ("sampler ddpm", {"sampler": "ddpm"}),
+                       *TOKEN_LEVERS],
+          "masked": [("config (ancestral, top_p 0.95)", {}), ("sampler confidence", {"sampler": "confidence"}),
+                     ("confidence, blocks of 32", {"sampler": "confidence", "block_length": 32}), *TOKEN_LEVERS],
+          "ar": [("config (top_p 0.95)", {}), *TOKEN_LEVERS]}
 X0_LEVERS = [("x0 temperature 0.7", {"x0_temperature": 0.7}), ("x0 temperature 0.5", {"x0_temperature": 0.5}),
              ("x0 temperature 0.3", {"x0_temperature": 0.3})]          # softmax/posterior heads only
 
@@ -85,9 +96,10 @@ X0_LEVERS = [("x0 temperature 0.7", {"x0_temperature": 0.7}), ("x0 temperature 0
 @dataclass
 class Scale:
     config: str
-    train: list[str]                       # overrides for both models
-    dimba: list[str]                       # DIMBA only
+    train: list[str]                       # overrides for every model
     ranks: int | None                      # deepspeed --num_gpus (None: every GPU)
+    gaussian: list[str] = field(default_factory=lambda: ["diffusion.cond_dropout=0.1"])   # Gaussian DIMBA only
+    masked: list[str] = field(default_factory=lambda: ["masked.cond_dropout=0.1"])        # masked DIMBA only
     steps: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     samples: int = 32                      # unconditional samples per row (and held-out reference windows)
     prompts: int = 32                      # prompts / infill windows
@@ -103,14 +115,13 @@ class Scale:
     more_text: bool = False                # shard ../shared/data/more too (the whole 43 MB corpus)
 
 
-COMMON_EVAL = ["evaluation.sample_every=0", "training.keep_last=1"]
+COMMON_EVAL = ["evaluation.sample_every=0", "training.keep_last=2"]   # the last two: best and last
 SCALES = {
     # configs/tiny.json (4.65 M params) on 2 CPU ranks: 400 steps x 2 x 16 x 128 = 1.64 M tokens per model.
     "cpu": Scale(config="configs/tiny.json", ranks=2,
                  train=["training.max_steps=400", "training.warmup_steps=40", "training.checkpoint_every=200",
                         "evaluation.val_every=200", "logging.log_every=20", "data.seq_len=128",
-                        "deepspeed.train_micro_batch_size_per_gpu=16", *COMMON_EVAL],
-                 dimba=["diffusion.cond_dropout=0.1"]),
+                        "deepspeed.train_micro_batch_size_per_gpu=16", *COMMON_EVAL]),
     # A 53 M-parameter DIMBA on one GPU, bf16, on the whole 43 MB corpus (11.2 M train tokens): 3000 steps x 64 x
     # 256 = 49 M tokens per model by default; a lent GPU (15 minutes a task) runs fewer, fitted to a time budget by
     # benchmarks/gpu/run.sh (not yet run: no GPU was lent to the sessions that wrote it). The GPU machine reaches no
@@ -123,7 +134,6 @@ SCALES = {
                         "training.precision=bf16", "training.ema_decay=0.99", "training.checkpoint_every=1000",
                         "evaluation.val_every=1000", "logging.log_every=50",
                         "deepspeed.train_micro_batch_size_per_gpu=64", *COMMON_EVAL],
-                 dimba=["diffusion.cond_dropout=0.1"],
                  samples=64, prompts=64, lik_seqs=256, t_samples=32, gen_batch=64, speed_repeats=5, more_text=True),
     # Every stage at toy size (a minute or two on a CPU): checks the pipeline, measures nothing (tests use it).
     "smoke": Scale(config="configs/tiny.json", ranks=2,
@@ -132,7 +142,6 @@ SCALES = {
                           "evaluation.sample_length=16", "model.d_model=64",
                           "model.n_layers=1", "model.d_embed=16", "model.d_state=16", "model.headdim=16",
                           "model.chunk_size=16", "deepspeed.train_micro_batch_size_per_gpu=4", *COMMON_EVAL],
-                   dimba=["diffusion.cond_dropout=0.1"],
                    steps=[2, 4], samples=4, prompts=4, lik_seqs=8, t_samples=2, gen_batch=4, infill_steps=[4],
                    guidance=[0.0, 1.0, 2.0], guidance_steps=4, speed_length=32, speed_batches=[1, 4]),
 }
@@ -151,13 +160,15 @@ def stage_data(out: Path, corpus: list[str]) -> None:
 
 
 def train_overrides(scale: Scale, out: Path, kind: str) -> list[str]:
-    """The --set list of one model's run: the scale's settings; for the AR twin, its equal-parameter depth."""
+    """The --set list of one model's run: the scale's settings and the objective's own; for the AR twin, the depth
+    that equalises its parameter count with the masked DIMBA's (the Gaussian model, with its embedding-space
+    projections, is about 6% larger at the same depth)."""
     base = [*scale.train, f"data.shards={out / 'shards'}"]
-    if kind == "dimba":
-        return base + scale.dimba
-    cfg = load_config(ROOT / scale.config, base)
-    twin, _, _ = ar_twin(cfg.model)
-    return base + ["model.kind=ar", "model.bidirectional=false", f"model.n_layers={twin.n_layers}"]
+    if kind in DIFFUSION:
+        return base + [f"objective={kind}"] + getattr(scale, kind)
+    cfg = load_config(ROOT / scale.config, base + ["objective=masked", f"model.mask_id={MASK_ID}"])
+    twin, _, _ = ar_twin(cfg)
+    return base + ["objective=ar", "model.bidirectional=false", f"model.n_layers={twin.model.n_layers}"]
 
 
 def finished(run_dir: Path) -> bool:
@@ -204,150 +215,211 @@ def _quality(judge, tok, seqs, batch: int) -> dict:
     return row
 
 
-def stage_eval(out: Path, scale: Scale, judge_spec: str, device: str, sections: list[str] | None = None) -> None:
+def _val_curve(run_dir: Path) -> list[dict]:
+    """(step, val/loss) of a run's periodic validation (its objective's own loss: the masked NELBO estimate, the
+    AR twin's exact CE, the Gaussian x0-MSE + CE), from metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "val_loss": r["val/loss"]} for r in rows if "val/loss" in r]
+
+
+def stage_eval(out: Path, scale: Scale, names: list[str], judge_spec: str, device: str,
+               sections: list[str] | None = None) -> None:
     path = out / "report.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    models = {k: load_model_dir(out / k, device=device) for k in KINDS}
-    checkpoints = {k: str(resolve_checkpoint(out / k).resolve()) for k in KINDS}
-    if report and report.get("checkpoints") != checkpoints:
+    models = {k: load_model_dir(out / k, device=device) for k in names}
+    checkpoints = {k: str(resolve_checkpoint(out / k).resolve()) for k in names}
+    prev = report.get("checkpoints", {})
+    if report and (any(prev[k] != checkpoints[k] for k in set(prev) & set(checkpoints)) or set(prev) - set(names)):
         print(f"[eval] {path} was measured on other checkpoints; starting it afresh")
-        report = {}
+        report, prev = {}, {}
+    # a model added to an earlier report (e.g. --models masked,ar first, then all three): its rows are added to the
+    # sections already measured, the others' rows kept
+    added = [k for k in names if k not in prev] if report else []
     report["checkpoints"] = checkpoints
-    tok = models["dimba"].tokenizer
-    cfg_d = models["dimba"].cfg
-    seq_len = cfg_d.data.seq_len
+    first = models[names[0]]
+    tok, seq_len = first.tokenizer, first.cfg.data.seq_len
+    pad = first.cfg.model.pad_id
     shards = out / "shards"
     n = max(scale.lik_seqs, scale.samples, scale.prompts)
     seqs = val_sequences(shards, tok, seq_len, n)
-    todo = [name for name in SECTIONS if (sections is None or name in sections) and name not in report]
+    todo = [name for name in SECTIONS if (sections is None or name in sections) and (name not in report or added)]
     judged = [name for name in todo if name in JUDGED]
-    prior = (unigram_log_probs(shards, cfg_d.model.vocab_size, cfg_d.model.pad_id)     # likelihood and context
+    prior = (unigram_log_probs(shards, first.cfg.model.vocab_size, pad)                  # likelihood and context
              if {"likelihood", "context"} & set(todo) else None)
     judge = load_judge(judge_spec, device) if judge_spec != "none" and judged else None    # ~15 s: only when used
     judge_name = judge.name if judge is not None else judge_spec
     if judge is None and not judged:
         judge_name = report.get("setup", {}).get("judge", judge_spec)     # what the kept sections were scored with
+    diffusion = [k for k in names if k in DIFFUSION]
 
     report["setup"] = {
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
         "judge": judge_name, "val_windows": len(seqs), "seq_len": seq_len, "scale": dataclasses.asdict(scale),
-        "models": {k: {"kind": m.cfg.model.kind, "parameters": count_parameters(m.model),
+        "tokenizer_sha256": tok.sha256,
+        "models": {k: {"objective": m.cfg.objective, "parameters": count_parameters(m.model),
                        "n_layers": m.cfg.model.n_layers, "d_model": m.cfg.model.d_model, "step": m.step,
-                       **_training_record(out / k)} for k, m in models.items()}}
+                       **_training_record(out / k), "val_curve": _val_curve(out / k)} for k, m in models.items()}}
     _save(report, path)
 
     def section(name: str, fn):
-        if name in report:
+        if name in report and not added:
             print(f"[eval] {name}: in report.json")
             return
         t0 = time.time()
-        print(f"[eval] {name} ...", flush=True)
-        report[name] = fn()
+        which = added if name in report else names
+        print(f"[eval] {name} ({', '.join(which)}) ...", flush=True)
+        rows = fn(which)
+        if name not in report:
+            report[name] = rows
+        elif isinstance(rows, dict):
+            report[name].update(rows)
+        else:
+            report[name] += rows
         report.setdefault("eval_wall_s", {})[name] = time.time() - t0
         _save(report, path)
         print(f"[eval] {name} done in {time.time() - t0:.0f} s", flush=True)
 
-    def likelihood():
-        lik = seqs[:scale.lik_seqs]
-        d = models["dimba"]
-        bound = elbo_bound(d.model, schedule_for(d.cfg), as_batches(lik, 8), d.cfg.model.pad_id, d.cfg.diffusion.t_min,
-                           scale.t_samples, 0, device)
-        exact = ar_exact_nll(models["ar"].model, as_batches(lik, 8), models["ar"].cfg.model.pad_id, device)
-        keep = ("kind", "nll_nats_per_token", "bits_per_token", "stderr_nats", "tokens", "sequences")
-        terms = {"reconstruction": bound["reconstruction"], "diffusion": bound["diffusion"], "prior": bound["prior"],
-                 "t0_log_snr": bound["t0"]["log_snr"], "x0_estimate": bound["x0_estimate"],
-                 "by_estimator": bound["by_estimator"], "diffusion_by_log_snr": bound["diffusion_by_log_snr"]}
-        uni = unigram_nll(prior, as_batches(lik, 8), d.cfg.model.pad_id)
-        return {"dimba": {**{k: bound[k] for k in keep}, "ppl": bound["ppl_bound"], "terms": terms},
-                "ar": {**{k: exact[k] for k in keep}, "ppl": exact["ppl"]},
-                "unigram": {**{k: uni[k] for k in keep}, "ppl": uni["ppl"]}}
+    keep = ("kind", "nll_nats_per_token", "bits_per_token", "stderr_nats", "tokens", "sequences")
 
-    def context():
-        d = models["dimba"]
-        return context_use(d.model, schedule_for(d.cfg), as_batches(seqs[:scale.lik_seqs], 8), d.cfg.model.pad_id,
-                           prior, device=device)
+    def likelihood(which):
+        """Each model's bound (or exact NLL) at its last checkpoint and at every earlier kept one; `best` is the
+        checkpoint with the lowest, as early stopping would keep."""
+        batches = as_batches(seqs[:scale.lik_seqs], 8)
+        rows = {}
+        for k in which:
+            per_ckpt = []
+            for ckpt in sorted((out / k / "checkpoints").glob("step-*")):
+                if not (ckpt / "COMPLETE").is_file():
+                    continue
+                m = models[k] if str(ckpt.resolve()) == checkpoints[k] else load_model_dir(ckpt, device=device)
+                r = m.objective.likelihood(m.model, batches, scale.t_samples, 0, device)
+                per_ckpt.append({"step": m.step, **{f: r[f] for f in keep}, "ppl": r.get("ppl", r.get("ppl_bound")),
+                                 "raw": r})
+                print(f"[eval]   {k} step {m.step}: {r['nll_nats_per_token']:.4f} nats/token ({r['kind']})",
+                      flush=True)
+            last, best = per_ckpt[-1], min(per_ckpt, key=lambda r: r["nll_nats_per_token"])
+            row = {f: last[f] for f in (*keep, "ppl", "step")}
+            row["best"] = {f: best[f] for f in (*keep, "ppl", "step")}
+            row["by_checkpoint"] = [{f: c[f] for f in ("step", "nll_nats_per_token", "stderr_nats", "ppl")}
+                                    for c in per_ckpt]
+            raw = last["raw"]
+            if k == "gaussian":
+                row["terms"] = {"reconstruction": raw["reconstruction"], "diffusion": raw["diffusion"],
+                                "prior": raw["prior"], "t0_log_snr": raw["t0"]["log_snr"],
+                                "x0_estimate": raw["x0_estimate"], "by_estimator": raw["by_estimator"],
+                                "diffusion_by_log_snr": raw["diffusion_by_log_snr"]}
+            rows[k] = row
+        if which == names:
+            uni = unigram_nll(prior, batches, pad)
+            rows["unigram"] = {**{f: uni[f] for f in keep}, "ppl": uni["ppl"]}
+        return rows
 
-    def generation():
+    def context(which):
+        from dimba.objectives.gaussian.context import context_use
+        d = models["gaussian"]
+        return context_use(d.model, d.objective.schedule, as_batches(seqs[:scale.lik_seqs], 8), pad, prior,
+                           device=device)
+
+    def generation(which):
         held_out = seqs[:scale.samples].tolist()
-        rows = [{"model": "data", "steps": None, **_quality(judge, tok, held_out, scale.gen_batch)}]
+        rows = [{"model": "data", "steps": None, **_quality(judge, tok, held_out, scale.gen_batch)}] \
+            if which == names else []
         uncond = [Request(prefix=[], middle_length=seq_len) for _ in range(scale.samples)]
-        for kind in KINDS:
+        for kind in which:
             m = models[kind]
-            for steps in (scale.steps if kind == "dimba" else [seq_len]):
-                res, _ = generate(m.model, m.cfg, uncond, replace(m.cfg.sampling, steps=steps), seed=1,
-                                  batch_size=scale.gen_batch, device=device)
+            for steps in m.objective.step_counts(scale.steps, seq_len):
+                samp = m.objective.with_steps(m.cfg.sampling, steps)
+                res, _ = generate(m.model, m.cfg, uncond, samp, seed=1, batch_size=scale.gen_batch, device=device)
                 toks = [r.middle for r in res]
-                rows.append({"model": kind, "steps": steps, **_quality(judge, tok, toks, scale.gen_batch),
+                rows.append({"model": kind, "steps": steps, "sampler": samp.sampler,
+                             **_quality(judge, tok, toks, scale.gen_batch),
                              "examples": [tok.decode(t) for t in toks[:2]]})
                 print(f"[eval]   {kind} T={steps}: entropy {rows[-1]['unigram_entropy_bits']:.2f}, "
                       f"gen-PPL {rows[-1].get('gen_ppl')}", flush=True)
+        if "masked" in which:      # the other masked sampler, at each T (the config's is ancestral)
+            m = models["masked"]
+            for steps in scale.steps:
+                samp = replace(m.objective.with_steps(m.cfg.sampling, steps), sampler="confidence")
+                res, _ = generate(m.model, m.cfg, uncond, samp, seed=1, batch_size=scale.gen_batch, device=device)
+                toks = [r.middle for r in res]
+                rows.append({"model": "masked", "steps": steps, "sampler": "confidence",
+                             **_quality(judge, tok, toks, scale.gen_batch),
+                             "examples": [tok.decode(t) for t in toks[:2]]})
+                print(f"[eval]   masked confidence T={steps}: entropy {rows[-1]['unigram_entropy_bits']:.2f}, "
+                      f"gen-PPL {rows[-1].get('gen_ppl')}", flush=True)
         return rows
 
-    def infill_rows():
+    def infill_rows(which):
         windows = seqs[:scale.prompts]
         rows = []
-        for steps in scale.infill_steps:
-            d = models["dimba"]
-            rows.append({"model": "dimba", "steps": steps, **infill(d.model, d.cfg, tok, windows,
-                                                                     replace(d.cfg.sampling, steps=steps), 2,
-                                                                     scale.gen_batch, device)})
-        a = models["ar"]
-        rows.append({"model": "ar", "steps": None, **infill(a.model, a.cfg, tok, windows, a.cfg.sampling, 2,
-                                                             scale.gen_batch, device)})
+        for kind in [k for k in diffusion if k in which]:
+            m = models[kind]
+            for steps in scale.infill_steps:
+                rows.append({"model": kind, "steps": steps,
+                             **infill(m.model, m.cfg, tok, windows, m.objective.with_steps(m.cfg.sampling, steps), 2,
+                                      scale.gen_batch, device)})
+        if "ar" in which:
+            a = models["ar"]
+            rows.append({"model": "ar", "steps": None, **infill(a.model, a.cfg, tok, windows, a.cfg.sampling, 2,
+                                                                 scale.gen_batch, device)})
         return rows
 
-    def guidance():
+    def guidance(which):
+        """Prompted continuations (prompt = first half) at each guidance scale s, with the prompt gain."""
         windows = seqs[:scale.prompts]
         half = seq_len // 2
         requests = [Request(prefix=w[:half].tolist(), middle_length=seq_len - half) for w in windows]
         truth = [tok.decode(w[half:]) for w in windows]
         rows = []
-        runs = [("dimba", s) for s in scale.guidance] + [("ar", None)]
+        runs = [(k, s) for k in diffusion if k in which for s in scale.guidance] + \
+            ([("ar", None)] if "ar" in which else [])
         for kind, s in runs:
             m = models[kind]
-            samp = m.cfg.sampling
-            if kind == "dimba":
-                samp = replace(samp, steps=scale.guidance_steps, guidance=s)
+            samp = m.objective.sampling(m.cfg.sampling)
+            if s is not None:
+                samp = replace(m.objective.with_steps(samp, scale.guidance_steps), guidance=s)
             res, _ = generate(m.model, m.cfg, requests, samp, seed=3, batch_size=scale.gen_batch, device=device)
             cont = [r.middle for r in res]
             full = [r.request.prefix + r.middle for r in res]
-            row = {"model": kind, "guidance": s, "steps": scale.guidance_steps if kind == "dimba" else None,
+            row = {"model": kind, "guidance": s, "steps": scale.guidance_steps if s is not None else None,
                    **text_stats(cont), "bleu": bleu([tok.decode(c) for c in cont], truth)}
             if judge is not None:
                 row.update(generative_perplexity(judge, tok, full, scale.gen_batch) or {})
+                row.update(prompt_gain(judge, tok, [r.prefix for r in requests], cont, scale.gen_batch))
             row["example"] = {"prompt": tok.decode(requests[0].prefix), "continuation": tok.decode(cont[0])}
             rows.append(row)
-            print(f"[eval]   {kind} s={s}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}",
-                  flush=True)
+            print(f"[eval]   {kind} s={s}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}, "
+                  f"prompt gain {row.get('prompt_gain_nats')}", flush=True)
         return rows
 
-    def sampling():
+    def sampling(which):
         uncond = [Request(prefix=[], middle_length=seq_len) for _ in range(scale.samples)]
         rows = []
-        levers = SAMPLING_LEVERS + (X0_LEVERS if models["dimba"].cfg.model.x0_head != "linear" else [])
-        for label, change in levers:
-            for kind in KINDS:
-                if kind == "ar" and not set(change) <= {"temperature", "top_p"}:
-                    continue                               # sampler/spacing/T mean nothing to the AR decoder
-                m = models[kind]
-                samp = replace(m.cfg.sampling, **change, **({"steps": scale.guidance_steps} if kind == "dimba" else {}))
+        for kind in which:
+            m = models[kind]
+            levers = LEVERS.get(kind, []) + (X0_LEVERS if kind == "gaussian" and m.cfg.model.x0_head != "linear"
+                                             else [])
+            for label, change in levers:
+                samp = replace(m.objective.with_steps(m.cfg.sampling, scale.guidance_steps), **change)
                 res, _ = generate(m.model, m.cfg, uncond, samp, seed=1, batch_size=scale.gen_batch, device=device)
                 toks = [r.middle for r in res]
-                rows.append({"model": kind, "lever": label, "steps": samp.steps if kind == "dimba" else seq_len,
+                rows.append({"model": kind, "lever": label, "steps": samp.steps if m.objective.parallel else seq_len,
                              **_quality(judge, tok, toks, scale.gen_batch)})
                 print(f"[eval]   {kind} {label}: entropy {rows[-1]['unigram_entropy_bits']:.2f}, "
                       f"gen-PPL {rows[-1].get('gen_ppl')}", flush=True)
         return rows
 
-    def speed():
+    def speed(which):
         on_gpu = torch.device(device).type == "cuda"      # bf16 there, as a GPU user samples; a copy: the
         pair = {k: (copy.deepcopy(m.model).to(torch.bfloat16) if on_gpu else m.model, m.cfg)   # rest stays fp32
-                for k, m in models.items()}
+                for k, m in models.items() if k in which}
         return speed_rows(pair, scale.steps, scale.speed_batches, scale.speed_length, scale.speed_repeats, device,
                           log=lambda msg: print("[eval]  ", msg, flush=True))
 
     for name, fn in (("likelihood", likelihood), ("context", context), ("generation", generation),
                      ("infill", infill_rows), ("guidance", guidance), ("speed", speed), ("sampling", sampling)):
+        if name == "context" and "gaussian" not in (added if name in report else names):
+            continue
         if sections is None or name in sections:
             section(name, fn)
 
@@ -377,74 +449,93 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
            ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
 
 
-def best_qualifying(gen: list[dict]) -> dict | None:
-    """The generation section's DIMBA row that the gen-PPL goal counts: the lowest gen-PPL among T <= 64 with
-    unigram entropy >= 0.95x the held-out text's (None: no such row, or no judge)."""
+def best_qualifying(gen: list[dict], model: str = "gaussian") -> dict | None:
+    """The generation section's row of `model` that the gen-PPL goal counts: the lowest gen-PPL among T <= 64 with
+    unigram entropy >= 0.95x the held-out text's (None: no such row, or no judge). Rows of reports written before
+    the masked objective name the Gaussian model "dimba"."""
     data = next(r for r in gen if r["model"] == "data")
-    ok = [r for r in gen if r["model"] == "dimba" and r["steps"] <= 64
+    names = {model, "dimba"} if model == "gaussian" else {model}
+    ok = [r for r in gen if r["model"] in names and r["steps"] <= 64
           and r["unigram_entropy_bits"] >= 0.95 * data["unigram_entropy_bits"] and r.get("gen_ppl")]
     return min(ok, key=lambda r: r["gen_ppl"]) if ok else None
 
 
+GEN_GOAL = "gen-PPL <= 1.3x AR (T <= 64, entropy >= 0.95x data)"
+
+
 def goals(report: dict) -> list[dict]:
-    """The issue's goals, each with its measured value and whether it is met."""
+    """The goals, for each diffusion model, each with its measured value and whether it is met."""
     out = []
-    lik = report.get("likelihood")
-    if lik:
-        r = lik["dimba"]["ppl"] / lik["ar"]["ppl"]
-        out.append({"goal": "val PPL: DIMBA bound <= 1.2x AR exact", "value": f"{r:.2f}x", "met": r <= 1.2})
-    gen = report.get("generation")
-    if gen:
-        ar = next(r for r in gen if r["model"] == "ar")
-        best = best_qualifying(gen)
-        if ar.get("gen_ppl") is None:
-            out.append({"goal": "gen-PPL <= 1.3x AR (T <= 64, entropy >= 0.95x data)", "value": "no judge", "met": False})
-        elif best is None:
-            out.append({"goal": "gen-PPL <= 1.3x AR (T <= 64, entropy >= 0.95x data)",
-                        "value": "no DIMBA row with T <= 64 reaches 0.95x the data's entropy", "met": False})
-        else:
-            r = best["gen_ppl"] / ar["gen_ppl"]
-            out.append({"goal": "gen-PPL <= 1.3x AR (T <= 64, entropy >= 0.95x data)",
-                        "value": f"{r:.2f}x at T={best['steps']}", "met": r <= 1.3})
-    speed = report.get("speed")
-    if speed:
-        for batch in sorted({r["batch"] for r in speed}):
-            ar = next((r for r in speed if r["model"] == "ar" and r["batch"] == batch), None)
-            d = next((r for r in speed if r["model"] == "dimba" and r["batch"] == batch and r["steps"] == 32), None)
-            if ar and d:
-                r = ar["latency_s"] / d["latency_s"]
-                out.append({"goal": f"latency, {d['length']} tokens, T=32, batch {batch}: DIMBA >= 4x lower than AR "
-                                    f"({report['setup']['device']})", "value": f"{r:.2f}x", "met": r >= 4})
-    fill = report.get("infill")
-    if fill:
-        ar = next(r for r in fill if r["model"] == "ar")["prefix_only"]["token_accuracy"]
-        best = max((r for r in fill if r["model"] == "dimba"), key=lambda r: r["with_suffix"]["token_accuracy"])
-        acc = best["with_suffix"]["token_accuracy"]
-        floor = best.get("mode_baseline", 0.0)
-        out.append({"goal": "infill token accuracy: DIMBA (prefix+suffix) >= 2x AR (prefix only), above the "
-                            "most-frequent-token baseline",
-                    "value": f"{acc:.3f} vs {ar:.3f} = {acc / max(ar, 1e-9):.2f}x at T={best['steps']} "
-                             f"(baseline {floor:.3f})",
-                    "met": acc >= 2 * ar and acc > ar and acc > floor})
+    lik, gen, speed = report.get("likelihood"), report.get("generation"), report.get("speed")
+    fill, guide = report.get("infill"), report.get("guidance")
+    names = [k for k in DIFFUSION if k in report["setup"]["models"]]
+    for k in names:
+        if lik and k in lik:
+            r, rb = lik[k]["ppl"] / lik["ar"]["ppl"], lik[k]["best"]["ppl"] / lik["ar"]["best"]["ppl"]
+            out.append({"goal": f"{k}: val PPL bound <= 1.2x AR exact (last / best checkpoints)",
+                        "value": f"{r:.2f}x / {rb:.2f}x", "met": r <= 1.2})
+        if gen:
+            ar = next(r for r in gen if r["model"] == "ar")
+            best = best_qualifying(gen, k)
+            if ar.get("gen_ppl") is None:
+                out.append({"goal": f"{k}: {GEN_GOAL}", "value": "no judge", "met": False})
+            elif best is None:
+                out.append({"goal": f"{k}: {GEN_GOAL}",
+                            "value": "no row with T <= 64 reaches 0.95x the data's entropy", "met": False})
+            else:
+                r = best["gen_ppl"] / ar["gen_ppl"]
+                out.append({"goal": f"{k}: {GEN_GOAL}",
+                            "value": f"{r:.2f}x at T={best['steps']} ({best.get('sampler', '')})", "met": r <= 1.3})
+        if speed:
+            for batch in sorted({r["batch"] for r in speed}):
+                ar = next((r for r in speed if r["model"] == "ar" and r["batch"] == batch), None)
+                d = next((r for r in speed if r["model"] == k and r["batch"] == batch and r["steps"] == 32), None)
+                if ar and d:
+                    r = ar["latency_s"] / d["latency_s"]
+                    out.append({"goal": f"{k}: latency, {d['length']} tokens, T=32, batch {batch}: >= 4x lower than "
+                                        f"AR ({report['setup']['device']})", "value": f"{r:.2f}x", "met": r >= 4})
+        if fill and any(r["model"] == k for r in fill):
+            ar = next(r for r in fill if r["model"] == "ar")["prefix_only"]["token_accuracy"]
+            best = max((r for r in fill if r["model"] == k), key=lambda r: r["with_suffix"]["token_accuracy"])
+            acc = best["with_suffix"]["token_accuracy"]
+            floor = best.get("mode_baseline", 0.0)
+            out.append({"goal": f"{k}: infill token accuracy (prefix+suffix) >= 2x AR (prefix only), above the "
+                                "most-frequent-token baseline",
+                        "value": f"{acc:.3f} vs {ar:.3f} = {acc / max(ar, 1e-9):.2f}x at T={best['steps']} "
+                                 f"(baseline {floor:.3f})",
+                        "met": acc >= 2 * ar and acc > floor})
+        if guide and any(r.get("prompt_gain_nats") is not None for r in guide):
+            ar = next(r for r in guide if r["model"] == "ar").get("prompt_gain_nats")
+            mine = [r for r in guide if r["model"] == k and r.get("prompt_gain_nats") is not None]
+            plain = next((r for r in mine if r["guidance"] == 1.0), None)
+            if ar and plain:
+                best = max(mine, key=lambda r: r["prompt_gain_nats"])
+                out.append({"goal": f"{k}: prompt gain >= 0.8x AR's (s = 1 / best s)",
+                            "value": f"{plain['prompt_gain_nats']:.3f} vs {ar:.3f} nats = "
+                                     f"{plain['prompt_gain_nats'] / ar:.2f}x / {best['prompt_gain_nats'] / ar:.2f}x "
+                                     f"at s={best['guidance']}",
+                            "met": plain["prompt_gain_nats"] >= 0.8 * ar})
     return out
 
 
 def write_markdown(report: dict, path: Path) -> None:
     s = report["setup"]
-    md = [f"# DIMBA vs its autoregressive twin ({s['device']})", "",
-          f"Judge: {s['judge']}. Val windows of {s['seq_len']} tokens: {s['val_windows']}.", ""]
-    md += _table(["model", "parameters", "layers", "d_model", "steps", "tokens trained", "train tokens/s",
-                  "train wall s"],
-                 [[k, m["parameters"], m["n_layers"], m["d_model"], m["step"], m["tokens_trained"],
-                   m["train_tokens_per_s"], m["train_wall_s"]] for k, m in s["models"].items()])
+    md = [f"# Gaussian and masked DIMBA vs their autoregressive twin ({s['device']})", "",
+          f"Judge: {s['judge']}. Val windows of {s['seq_len']} tokens: {s['val_windows']}. Tokenizer sha256 "
+          f"{str(s.get('tokenizer_sha256'))[:12]}.", ""]
+    md += _table(["model", "objective", "parameters", "layers", "d_model", "steps", "tokens trained",
+                  "train tokens/s", "train wall s"],
+                 [[k, m.get("objective", m.get("kind")), m["parameters"], m["n_layers"], m["d_model"], m["step"],
+                   m["tokens_trained"], m["train_tokens_per_s"], m["train_wall_s"]] for k, m in s["models"].items()])
     if "likelihood" in report:
         lik = report["likelihood"]
-        md += ["", "## Validation likelihood", ""]
-        md += _table(["model", "estimate", "nats/token", "+-", "PPL"],
-                     [[k, v["kind"], v["nll_nats_per_token"], v["stderr_nats"], v["ppl"]] for k, v in lik.items()])
-        terms = lik.get("dimba", {}).get("terms")
+        md += ["", "## Validation likelihood (last checkpoint; best of the kept checkpoints beside it)", ""]
+        md += _table(["model", "estimate", "nats/token", "+-", "PPL", "best step", "best PPL"],
+                     [[k, v["kind"], v["nll_nats_per_token"], v["stderr_nats"], v["ppl"],
+                       v.get("best", {}).get("step"), v.get("best", {}).get("ppl")] for k, v in lik.items()])
+        terms = lik.get("gaussian", lik.get("dimba", {})).get("terms")
         if terms:   # where the bound's nats go (all windows; the bound above is on the held-out half)
-            md += ["", f"DIMBA's bound = reconstruction {terms['reconstruction']:.3f} (token CE at its t0, log-SNR "
+            md += ["", f"The Gaussian bound = reconstruction {terms['reconstruction']:.3f} (token CE at its t0, log-SNR "
                    f"{terms['t0_log_snr']:g}) + diffusion {terms['diffusion']:.3f} + prior {terms['prior']:.3f} "
                    f"nats/token, with x0 estimated by {terms['x0_estimate'].replace('_', ' ')}"
                    + "".join(f"; {k.replace('_', ' ')} alone: {v['nll_nats_per_token']:.3f}"
@@ -455,7 +546,7 @@ def write_markdown(report: dict, path: Path) -> None:
             md += _table(["log-SNR", *[f"{edge(b.get('log_snr_from'))}..{edge(b['log_snr_to'])}" for b in bands]],
                          [["nats/token", *[b["nats_per_token"] for b in bands]]])
     if "context" in report:
-        md += ["", "## Does DIMBA's denoiser read its context? (token CE in nats at fixed log-SNR)", "",
+        md += ["", "## Does the Gaussian denoiser read its context? (token CE in nats at fixed log-SNR)", "",
                "bayes: the exact posterior of a token from its own noisy vector and the train split's unigram "
                "prior (no context); shuffled: the model with the positions permuted. context gain = bayes - model: "
                "what the model earns beyond the best context-free guess (< 0: its own token posterior is off by "
@@ -465,9 +556,9 @@ def write_markdown(report: dict, path: Path) -> None:
                        r["order_gain"]] for r in report["context"]])
     if "generation" in report:
         md += ["", f"## Unconditional samples ({s['scale']['samples']} x {s['seq_len']} tokens)", ""]
-        md += _table(["model", "T", "gen-PPL", "unigram entropy (bits)", "distinct-2", "seq-rep-4"],
-                     [[r["model"], r["steps"], r.get("gen_ppl"), r["unigram_entropy_bits"], r["distinct_2"],
-                       r["repetition_rate"]] for r in report["generation"]])
+        md += _table(["model", "sampler", "T", "gen-PPL", "unigram entropy (bits)", "distinct-2", "seq-rep-4"],
+                     [[r["model"], r.get("sampler"), r["steps"], r.get("gen_ppl"), r["unigram_entropy_bits"],
+                       r["distinct_2"], r["repetition_rate"]] for r in report["generation"]])
         md += ["", "Examples:", ""] + [f"- {r['model']} T={r['steps']}: {r['examples'][0][:300]!r}"
                                        for r in report["generation"] if r.get("examples")]
     if "infill" in report:
@@ -479,11 +570,13 @@ def write_markdown(report: dict, path: Path) -> None:
                     rows.append([r["model"], r["steps"], how, r[how]["token_accuracy"], r[how]["bleu"]])
         md += _table(["model", "T", "context", "token accuracy", "BLEU"], rows)
     if "guidance" in report:
-        md += ["", "## Prompted samples (prompt = first half), classifier-free guidance s", ""]
+        md += ["", "## Prompted samples (prompt = first half), classifier-free guidance s", "",
+               "prompt gain: the judge's NLL of a continuation after another sample's prompt minus after its own, "
+               "nats per continuation token (about 0: the continuation ignores its prompt).", ""]
         md += _table(["model", "s", "T", "gen-PPL (prompt+continuation)", "entropy of continuations", "seq-rep-4",
-                      "BLEU vs truth"],
+                      "BLEU vs truth", "prompt gain"],
                      [[r["model"], r["guidance"], r["steps"], r.get("gen_ppl"), r["unigram_entropy_bits"],
-                       r["repetition_rate"], r["bleu"]] for r in report["guidance"]])
+                       r["repetition_rate"], r["bleu"], r.get("prompt_gain_nats")] for r in report["guidance"]])
     if "sampling" in report:
         md += ["", "## Sampling levers (unconditional, no retraining)", ""]
         md += _table(["model", "lever", "T", "gen-PPL", "unigram entropy (bits)", "seq-rep-4"],
@@ -512,12 +605,15 @@ def plot(report: dict, path: Path) -> None:
     data = next((r for r in gen if r["model"] == "data"), {})
     for ax, batch in zip(axes, batches):
         lat = {(r["model"], r["steps"]): r["latency_s"] for r in speed if r["batch"] == batch}
-        d = [(lat[("dimba", r["steps"])], r.get("gen_ppl"), r["steps"]) for r in gen
-             if r["model"] == "dimba" and ("dimba", r["steps"]) in lat and r.get("gen_ppl")]
-        if d:
-            ax.plot([x for x, _, _ in d], [y for _, y, _ in d], "o-", label="DIMBA (T steps)")
-            for x, y, t in d:
-                ax.annotate(f"T={t}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for name, style in (("gaussian", "o-"), ("dimba", "o-"), ("masked", "^-")):
+            d = [(lat[(name, r["steps"])], r.get("gen_ppl"), r["steps"]) for r in gen
+                 if r["model"] == name and r.get("sampler") in (None, "ddim", "ancestral")
+                 and (name, r["steps"]) in lat and r.get("gen_ppl")]
+            if d:
+                ax.plot([x for x, _, _ in d], [y for _, y, _ in d], style,
+                        label=f"{'gaussian' if name == 'dimba' else name} DIMBA (T steps)")
+                for x, y, t in d:
+                    ax.annotate(f"T={t}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ar_gen = next((r for r in gen if r["model"] == "ar"), None)
         ar_lat = next((v for (k, _), v in lat.items() if k == "ar"), None)
         if ar_gen and ar_gen.get("gen_ppl") and ar_lat:
@@ -531,17 +627,19 @@ def plot(report: dict, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax = axes[-1]
-    g = [r for r in report.get("guidance", []) if r["model"] == "dimba" and r.get("gen_ppl")]
-    if g:
-        ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-", label="gen-PPL")
-        ax.set(xlabel="guidance s", ylabel="gen-PPL of prompted samples", yscale="log",
-               title=f"classifier-free guidance (T={g[0]['steps']})")
-        ax2 = ax.twinx()
-        ax2.plot([r["guidance"] for r in g], [r["unigram_entropy_bits"] for r in g], "s--", color="C1",
-                 label="unigram entropy")
-        ax2.set_ylabel("unigram entropy of continuations (bits)")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="upper right", fontsize=8)
+    guide = report.get("guidance", [])
+    for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")):
+        g = [r for r in guide if r["model"] == name and r.get("gen_ppl")]
+        if g:
+            ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-", color=color,
+                    label=f"{'gaussian' if name == 'dimba' else name}: gen-PPL")
+            ax.set(xlabel="guidance s", ylabel="gen-PPL of prompted samples", yscale="log",
+                   title=f"classifier-free guidance (T={g[0]['steps']})")
+    ar = next((r for r in guide if r["model"] == "ar" and r.get("gen_ppl")), None)
+    if ar:
+        ax.axhline(ar["gen_ppl"], color="C3", ls=":", label="AR twin")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -555,7 +653,7 @@ def stage_report(out: Path) -> None:
     print(f"[report] {out / 'report.md'}, {out / 'compare.png'}")
 
 
-STAGES = ("data", "train-dimba", "train-ar", "eval", "report")
+STAGES = ("data", "train-gaussian", "train-masked", "train-ar", "eval", "report")
 SECTIONS = ("likelihood", "context", "generation", "infill", "guidance", "speed", "sampling")
 JUDGED = ("generation", "guidance", "sampling")          # the sections that score text with the judge
 
@@ -570,10 +668,14 @@ def main() -> int:
     ap.add_argument("--judge", default=SMOLLM2,
                     help="'smollm2' (default), a DIMBA-stack AR model folder, or 'none' (no gen-PPL)")
     ap.add_argument("--device", default=None, help="eval device (default cuda if available)")
-    ap.add_argument("--dimba-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra DIMBA training override (a lever to try; use a new --out)")
+    ap.add_argument("--gaussian-set", "--dimba-set", dest="gaussian_set", action="append", default=[],
+                    metavar="KEY=VALUE", help="extra Gaussian DIMBA training override (a lever to try; use a new --out)")
+    ap.add_argument("--masked-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra masked DIMBA training override (a lever to try; use a new --out)")
     ap.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra training override for both models (e.g. training.max_steps=800: more tokens)")
+                    help="extra training override for every model (e.g. training.max_steps=800: more tokens)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"which models to train and compare, comma-separated (default {','.join(MODELS)}; ar always)")
     ap.add_argument("--ar-from", default=None, metavar="OUT",
                     help="reuse the shards and the trained AR twin of an earlier comparison (links them)")
     ap.add_argument("--sections", default=None, help="eval only these sections, comma-separated "
@@ -584,8 +686,14 @@ def main() -> int:
         sys.exit(f"--sections: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     scale = SCALES[args.scale]
     if args.ar_from and args.train_set:
-        sys.exit("--set changes both models; --ar-from reuses a trained twin: use --dimba-set, or train both afresh")
-    scale = replace(scale, train=scale.train + args.train_set, dimba=scale.dimba + args.dimba_set)
+        sys.exit("--set changes every model; --ar-from reuses a trained twin: use --gaussian-set / --masked-set, or "
+                 "train all afresh")
+    models = [m for m in MODELS if m in args.models.split(",") or m == "ar"]
+    bad = set(args.models.split(",")) - set(MODELS)
+    if bad:
+        sys.exit(f"--models: unknown {sorted(bad)}; choose from {','.join(MODELS)}")
+    scale = replace(scale, train=scale.train + args.train_set, gaussian=scale.gaussian + args.gaussian_set,
+                    masked=scale.masked + args.masked_set)
     out = Path(args.out or ROOT / "runs" / f"compare-{args.scale}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.ar_from:
@@ -603,13 +711,16 @@ def main() -> int:
         corpus = [str(BUNDLED_CORPUS)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.stage.startswith("train-") and args.stage.split("-", 1)[1] not in models:
+        sys.exit(f"--stage {args.stage}: that model is not among --models {args.models}")
     for stage in stages:
         if stage == "data":
             stage_data(out, corpus)
         elif stage.startswith("train-"):
-            stage_train(out, scale, stage.split("-", 1)[1])
+            if stage.split("-", 1)[1] in models:
+                stage_train(out, scale, stage.split("-", 1)[1])
         elif stage == "eval":
-            stage_eval(out, scale, args.judge, device, args.sections.split(",") if args.sections else None)
+            stage_eval(out, scale, models, args.judge, device, args.sections.split(",") if args.sections else None)
         else:
             stage_report(out)
     return 0

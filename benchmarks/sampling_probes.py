@@ -6,8 +6,8 @@
 Probes (all on the unconditional generation rows of compare_ar.py: 32 samples of seq_len tokens, seed 1):
   none                 the model's own sampling config (the report's rows)
   warped[:MIX]         steps uniform in the model's own CE curve (CDCD's warped sampling time): CE by t measured
-                       with dimba.evaluation.denoising.loss_by_t (25 buckets, the first 32 of the comparison's 64
-                       likelihood windows), fitted and inverted by dimba.diffusion.timewarp.LearnedTimeWarp;
+                       with dimba.objectives.gaussian.denoising.loss_by_t (25 buckets, the first 32 of the comparison's 64
+                       likelihood windows), fitted and inverted by dimba.objectives.gaussian.timewarp.LearnedTimeWarp;
                        MIX of uniform t mixed in (default 0)
   clamp-argmax[:T]     Diffusion-LM's clamping: x0_hat <- embedding of its argmax token at every step with t < T
                        (default: every step)
@@ -16,7 +16,7 @@ Probes (all on the unconditional generation rows of compare_ar.py: 32 samples of
   restart:K:LO:HI:N    restart sampling (Xu et al. 2023): the T-step DDIM (eta 0) pass runs down to t = LO, then
                        K times: x is re-noised by the forward process from LO up to HI with fresh noise and N DDIM
                        steps bring it back to LO; the pass then goes on to 0. T + K * N model calls
-The warped grid replaces dimba.diffusion.sampling.timestep_grid for the run; the clamps wrap the model. Prints one
+The warped grid replaces dimba.objectives.gaussian.sampling.timestep_grid for the run; the clamps wrap the model. Prints one
 line per T: gen-PPL under the judge and unigram entropy (bits).
 """
 from __future__ import annotations
@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import compare_ar  # noqa: E402
-import dimba.diffusion.sampling as sampling  # noqa: E402
-from dimba.diffusion.timewarp import LearnedTimeWarp  # noqa: E402
-from dimba.evaluation.denoising import loss_by_t  # noqa: E402
+import dimba.objectives.gaussian.sampling as sampling  # noqa: E402
+from dimba.objectives.gaussian.timewarp import LearnedTimeWarp  # noqa: E402
+from dimba.objectives.gaussian.denoising import loss_by_t  # noqa: E402
 from dimba.evaluation.judge import load_judge  # noqa: E402
-from dimba.evaluation.textgen import Request, generate, schedule_for  # noqa: E402
+from dimba.evaluation.textgen import Request, generate  # noqa: E402
+from dimba.objectives.gaussian.schedule import NoiseSchedule  # noqa: E402
 from dimba.evaluation.valdata import val_sequences  # noqa: E402
 from dimba.training.export import load_model_dir  # noqa: E402
 
@@ -81,7 +82,7 @@ def warped_grid_fn(model, cfg, shards: Path, tok, mix: float):
     batches = [{"tokens": torch.as_tensor(seqs[i:i + 8]), "clean": torch.zeros(len(seqs[i:i + 8]), seq_len,
                                                                                  dtype=torch.bool)}
                for i in range(0, len(seqs), 8)]
-    rows = loss_by_t(model, schedule_for(cfg), cfg.diffusion, batches, cfg.model.pad_id, buckets=CURVE_BUCKETS)
+    rows = loss_by_t(model, NoiseSchedule.from_config(cfg.diffusion), cfg.diffusion, batches, cfg.model.pad_id, buckets=CURVE_BUCKETS)
     d = cfg.diffusion
     warp = LearnedTimeWarp(d.t_min, d.t_power, start_step=0, bins=CURVE_BUCKETS, floor=0.0)
     mid = torch.tensor([(r["t_lo"] + r["t_hi"]) / 2 for r in rows])
@@ -103,9 +104,9 @@ def warped_grid_fn(model, cfg, shards: Path, tok, mix: float):
 @torch.no_grad()
 def restart_sample(model, cfg, n: int, steps: int, restarts: int, lo: float, hi: float, n_restart: int,
                    seed: int = 1) -> torch.Tensor:
-    """Unconditional DDIM (eta 0, self-conditioned, as dimba.diffusion.sampling.sample with the model's own
+    """Unconditional DDIM (eta 0, self-conditioned, as dimba.objectives.gaussian.sampling.sample with the model's own
     sampling config) with restart segments over [lo, hi]; returns (n, seq_len) tokens."""
-    schedule, sc_cfg = schedule_for(cfg), cfg.sampling
+    schedule, sc_cfg = NoiseSchedule.from_config(cfg.diffusion), cfg.sampling
     g = torch.Generator().manual_seed(seed)
     length, T = cfg.data.seq_len, schedule.num_steps
     clean = torch.zeros(n, length, dtype=torch.bool)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Does the gap between DIMBA and its AR twin close with training tokens? One comparison per token budget.
+"""Does the gap between a DIMBA model and its AR twin close with training tokens? One comparison per budget.
 
-    python benchmarks/token_scaling.py                          # CPU: 100, 200, 400 steps = 0.41, 0.82, 1.64 M
-                                                                #   tokens per model (17 + 24 + 42 min on 2 cores)
+    python benchmarks/token_scaling.py                          # masked vs AR. CPU: 100, 200, 400 steps = 0.41,
+                                                                #   0.82, 1.64 M tokens per model
+    python benchmarks/token_scaling.py --model gaussian         # Gaussian vs AR (benchmarks/results/token-scaling-cpu.md)
     python benchmarks/token_scaling.py --steps 100,200,400,800  # adds 3.28 M tokens (about 80 min more)
     python benchmarks/token_scaling.py --stage report           # the table from the budgets already run
 
@@ -13,7 +14,7 @@ generation sections. compare_ar skips what is done, so re-running continues wher
 
 The table, per budget: DIMBA's likelihood bound and the twin's exact NLL (nats/token, on the same val windows),
 the train split's unigram model (no context), the gap and its PPL ratio, the denoiser's context gain at log-SNR
--3 and -2 (dimba.evaluation.context) and the qualifying gen-PPL row of the goal. Then a least-squares line of
+-3 and -2 (dimba.objectives.gaussian.context) and the qualifying gen-PPL row of the goal. Then a least-squares line of
 nats against log2(tokens) for each model: nats gained per doubling, and where the two lines would bring the gap
 to the goal (<= ln 1.2 nats). A line through a few small budgets is a rough guide, not a scaling law: it says
 which way the gap moves and how fast, here.
@@ -40,24 +41,27 @@ SECTIONS = "likelihood,context,generation"
 CONTEXT_LOG_SNR = (-3, -2)      # where the denoiser's context gain is largest once it reads context at all
 
 
-def run_budget(out: Path, steps: int, scale: str, judge: str, extra: list[str]) -> None:
+def run_budget(out: Path, steps: int, scale: str, judge: str, extra: list[str], model: str) -> None:
     overrides = [f"training.max_steps={steps}", f"training.warmup_steps={max(1, steps // 10)}",
                  f"training.checkpoint_every={max(1, steps // 2)}", f"evaluation.val_every={max(1, steps // 2)}",
                  *extra]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare_ar.py"), "--scale", scale, "--out", str(out),
-           "--judge", judge, "--sections", SECTIONS]
+           "--judge", judge, "--sections", SECTIONS if model == "gaussian" else SECTIONS.replace("context,", ""),
+           "--models", model]
     for o in overrides:
         cmd += ["--set", o]
     print(f"[scaling] {steps} steps: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def budget_row(report: dict) -> dict:
-    """One budget's numbers from its compare_ar report.json."""
+def budget_row(report: dict, model: str = "gaussian") -> dict:
+    """One budget's numbers from its compare_ar report.json: `model` (gaussian or masked; reports written before
+    the masked objective name the Gaussian model "dimba") against the twin. Keys say "dimba" for that model."""
     lik = report["likelihood"]
-    d, a, u = (lik[k]["nll_nats_per_token"] for k in ("dimba", "ar", "unigram"))
-    row = {"tokens": report["setup"]["models"]["dimba"]["tokens_trained"], "dimba_nats": d, "ar_nats": a,
-           "unigram_nats": u, "dimba_stderr": lik["dimba"]["stderr_nats"], "gap_nats": d - a,
+    name = model if model in lik else "dimba"
+    d, a, u = (lik[k]["nll_nats_per_token"] for k in (name, "ar", "unigram"))
+    row = {"tokens": report["setup"]["models"][name]["tokens_trained"], "dimba_nats": d, "ar_nats": a,
+           "unigram_nats": u, "dimba_stderr": lik[name]["stderr_nats"], "gap_nats": d - a,
            "ppl_ratio": math.exp(d - a)}
     ctx = report.get("context")
     if ctx:
@@ -65,7 +69,7 @@ def budget_row(report: dict) -> dict:
     gen = report.get("generation")
     if gen:
         ar = next(r for r in gen if r["model"] == "ar")
-        q = compare_ar.best_qualifying(gen)
+        q = compare_ar.best_qualifying(gen, model)
         row.update(ar_gen_ppl=ar.get("gen_ppl"), ar_entropy=ar["unigram_entropy_bits"],
                    dimba_gen_ppl=q["gen_ppl"] if q else None, dimba_gen_steps=q["steps"] if q else None,
                    dimba_entropy=q["unigram_entropy_bits"] if q else None,
@@ -105,7 +109,7 @@ def write(out: Path, rows: list[dict], line: dict | None) -> str:
     md = ["# DIMBA vs its AR twin against training tokens", "",
           "Per model: tokens trained; bound / exact NLL in nats per token on the same val windows "
           "(benchmarks/compare_ar.py's likelihood section); gap = DIMBA - AR (goal <= ln 1.2 = 0.182); "
-          "context gain: the denoiser's, at log-SNR -3 / -2 (dimba.evaluation.context); gen-PPL: the goal's "
+          "context gain: the denoiser's, at log-SNR -3 / -2 (dimba.objectives.gaussian.context); gen-PPL: the goal's "
           "qualifying DIMBA row (T <= 64, entropy >= 0.95x the data's) against the twin's samples.", ""]
     md += compare_ar._table(
         ["tokens", "DIMBA bound (+-)", "AR exact", "unigram", "gap", "PPL ratio", "context gain at -3 / -2",
@@ -157,6 +161,8 @@ def main() -> int:
     ap.add_argument("--judge", default=compare_ar.SMOLLM2, help="as compare_ar.py's --judge")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="extra training override for both models at every budget")
+    ap.add_argument("--model", choices=("masked", "gaussian"), default="masked",
+                    help="the DIMBA model set against the AR twin (default masked)")
     args = ap.parse_args()
     try:
         budgets = sorted({int(s) for s in args.steps.split(",")})
@@ -170,13 +176,13 @@ def main() -> int:
     for steps in budgets:
         run = out / f"steps-{steps}"
         if args.stage == "all":
-            run_budget(run, steps, args.scale, args.judge, args.extra)
+            run_budget(run, steps, args.scale, args.judge, args.extra, args.model)
         path = run / "report.json"
         report = json.loads(path.read_text()) if path.is_file() else {}
         if "likelihood" not in report:
             print(f"[scaling] {run}: no likelihood result yet; run without --stage report to measure it")
             continue
-        rows.append(budget_row(report))
+        rows.append(budget_row(report, args.model))
     if not rows:
         sys.exit(f"[scaling] no budget measured under {out}; run it without --stage report first")
     print(write(out, rows, fit(rows)))

@@ -48,3 +48,33 @@ def losses_by_step(run_dir: Path) -> dict[int, list[float]]:
         if "train/loss" in row:
             out.setdefault(row["step"], []).append(row["train/loss"])
     return out
+
+
+def kill_during_a_save(cmd: list[str], ckpt_dir: Path, timeout: float = 240) -> bool:
+    """Run cmd (a training launch) and SIGKILL every process the moment a checkpoint folder exists without
+    COMPLETE (mid-save); if no save is caught in the act, at a random moment once 3 folders exist. Returns whether
+    the kill hit a save."""
+    import random
+    import time
+    from dimba.training.checkpoint import COMPLETE
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    kill_at = None
+    mid_save = False
+    while time.time() < deadline and proc.poll() is None:
+        steps = [p for p in ckpt_dir.glob("step-*")] if ckpt_dir.exists() else []
+        incomplete = [p for p in steps if not (p / COMPLETE).exists() and p.name != "step-00000001"]
+        if incomplete:
+            mid_save = True
+            break
+        if len(steps) >= 3 and kill_at is None:
+            kill_at = time.time() + random.uniform(0.0, 3.0)
+        if kill_at is not None and time.time() >= kill_at:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    print(f"killed {'during a save' if mid_save else 'between saves'}; folders: "
+          f"{sorted(p.name for p in ckpt_dir.glob('step-*'))}")
+    return mid_save

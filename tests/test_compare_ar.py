@@ -1,5 +1,5 @@
-"""The DIMBA-vs-AR comparison benchmark (benchmarks/compare_ar.py): every stage end to end at toy size with the
-real engine, and the goal checks on hand-made reports."""
+"""The comparison benchmark (benchmarks/compare_ar.py: Gaussian and masked DIMBA against the AR twin): every stage
+end to end at toy size with the real engine, and the goal checks on hand-made reports."""
 import importlib.util
 import json
 import subprocess
@@ -18,60 +18,77 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "benchmarks/compare_ar.py", "--scale", "smoke", "--corpus", "data_prep/corpus/*.txt",
            "--out", str(out), "--judge", "none"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     models = report["setup"]["models"]
-    assert models["dimba"]["kind"] == "dimba" and models["ar"]["kind"] == "ar"
-    assert models["dimba"]["tokens_trained"] == models["ar"]["tokens_trained"] == 4 * 2 * 4 * 32
+    assert {k: m["objective"] for k, m in models.items()} == {"gaussian": "gaussian", "masked": "masked", "ar": "ar"}
+    assert models["gaussian"]["tokens_trained"] == models["masked"]["tokens_trained"] == \
+        models["ar"]["tokens_trained"] == 4 * 2 * 4 * 32
     lik = report["likelihood"]
-    assert lik["dimba"]["kind"] == "elbo_upper_bound" and lik["ar"]["kind"] == "exact"
+    assert lik["gaussian"]["kind"] == "elbo_upper_bound" and lik["masked"]["kind"] == "nelbo_upper_bound"
+    assert lik["ar"]["kind"] == "exact" and lik["masked"]["stderr_nats"] > 0
     assert lik["unigram"]["kind"] == "exact, no context" and 0 < lik["unigram"]["nll_nats_per_token"] < 9
-    terms = lik["dimba"]["terms"]      # the bound's own terms (held-out half), and the diffusion term by band
+    assert lik["masked"]["best"]["step"] == 4 and [c["step"] for c in lik["masked"]["by_checkpoint"]] == [4]
+    terms = lik["gaussian"]["terms"]      # the bound's own terms (held-out half), and the diffusion term by band
     assert terms["reconstruction"] + terms["diffusion"] + terms["prior"] == \
-        pytest.approx(lik["dimba"]["nll_nats_per_token"])
+        pytest.approx(lik["gaussian"]["nll_nats_per_token"])
     assert terms["t0_log_snr"] in [b["log_snr_to"] for b in terms["diffusion_by_log_snr"]]
     assert all(b["nats_per_token"] >= 0 for b in terms["diffusion_by_log_snr"])
-    assert [(r["model"], r["steps"]) for r in report["generation"]] == [("data", None), ("dimba", 2), ("dimba", 4),
-                                                                         ("ar", 32)]
-    assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("dimba", "ar") for b in (1, 4)}
-    assert "with_suffix" in report["infill"][0] and "with_suffix" not in report["infill"][-1]
-    assert [r["guidance"] for r in report["guidance"]] == [0.0, 1.0, 2.0, None]
+    assert [(r["model"], r["sampler"] if r["model"] != "data" else None, r["steps"]) for r in report["generation"]] == [
+        ("data", None, None), ("gaussian", "ddim", 2), ("gaussian", "ddim", 4), ("masked", "ancestral", 2),
+        ("masked", "ancestral", 4), ("ar", "recurrent", 32), ("masked", "confidence", 2), ("masked", "confidence", 4)]
+    assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("gaussian", "masked", "ar")
+                                                                    for b in (1, 4)}
+    fill = {r["model"]: r for r in report["infill"]}
+    assert "with_suffix" in fill["gaussian"] and "with_suffix" in fill["masked"] and "with_suffix" not in fill["ar"]
+    assert [(r["model"], r["guidance"]) for r in report["guidance"]] == [
+        ("gaussian", 0.0), ("gaussian", 1.0), ("gaussian", 2.0), ("masked", 0.0), ("masked", 1.0), ("masked", 2.0),
+        ("ar", None)]
+    assert {r["model"] for r in report["sampling"]} == {"gaussian", "masked", "ar"}
     assert [r["log_snr"] for r in report["context"]] == [-6, -4, -3, -2, -1, 0]
-    assert "## Goals" in (out / "report.md").read_text() and "context gain" in (out / "report.md").read_text()
-    assert "DIMBA's bound = reconstruction" in (out / "report.md").read_text()
-    assert "## Goals" in (out / "report.md").read_text() and (out / "compare.png").stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "## Goals" in md and "context gain" in md and "The Gaussian bound = reconstruction" in md
+    assert "masked: val PPL bound" in md and (out / "compare.png").stat().st_size > 10_000
     # a second run finds everything done and only redraws the report
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "finished" in again.stdout and "in report.json" in again.stdout
 
 
-def report(ppl=(12.0, 10.0), gen=(30.0, 25.0), entropy=(9.3, 9.5), latency=(0.5, 2.5), fill=(0.3, 0.1)):
-    return {"setup": {"device": "test"},
-            "likelihood": {"dimba": {"ppl": ppl[0]}, "ar": {"ppl": ppl[1]}},
+def report(ppl=(12.0, 10.0), gen=(30.0, 25.0), entropy=(9.3, 9.5), latency=(0.5, 2.5), fill=(0.3, 0.1),
+           gain=(0.5, 0.6)):
+    """A hand-made report of the masked model against the twin."""
+    lik = lambda p: {"ppl": p, "best": {"ppl": p}}     # noqa: E731
+    return {"setup": {"device": "test", "models": {"masked": {}, "ar": {}}},
+            "likelihood": {"masked": lik(ppl[0]), "ar": lik(ppl[1])},
             "generation": [{"model": "data", "steps": None, "unigram_entropy_bits": 9.6, "gen_ppl": 20.0},
-                           {"model": "dimba", "steps": 32, "unigram_entropy_bits": entropy[0], "gen_ppl": gen[0]},
-                           {"model": "dimba", "steps": 128, "unigram_entropy_bits": 9.6, "gen_ppl": 1.0},
+                           {"model": "masked", "steps": 32, "unigram_entropy_bits": entropy[0], "gen_ppl": gen[0]},
+                           {"model": "masked", "steps": 128, "unigram_entropy_bits": 9.6, "gen_ppl": 1.0},
                            {"model": "ar", "steps": 128, "unigram_entropy_bits": entropy[1], "gen_ppl": gen[1]}],
-            "speed": [{"model": "dimba", "steps": 32, "batch": 1, "length": 256, "latency_s": latency[0]},
+            "speed": [{"model": "masked", "steps": 32, "batch": 1, "length": 256, "latency_s": latency[0]},
                       {"model": "ar", "steps": 256, "batch": 1, "length": 256, "latency_s": latency[1]}],
-            "infill": [{"model": "dimba", "steps": 32, "with_suffix": {"token_accuracy": fill[0]}, "mode_baseline": 0.05},
-                       {"model": "ar", "steps": None, "prefix_only": {"token_accuracy": fill[1]}}]}
+            "infill": [{"model": "masked", "steps": 32, "with_suffix": {"token_accuracy": fill[0]},
+                        "mode_baseline": 0.05},
+                       {"model": "ar", "steps": None, "prefix_only": {"token_accuracy": fill[1]}}],
+            "guidance": [{"model": "masked", "guidance": 1.0, "prompt_gain_nats": gain[0]},
+                         {"model": "masked", "guidance": 2.0, "prompt_gain_nats": gain[0] / 2},
+                         {"model": "ar", "guidance": None, "prompt_gain_nats": gain[1]}]}
 
 
 @pytest.mark.parametrize("kwargs, met", [
-    ({}, [True, True, True, True]),
-    ({"ppl": (12.1, 10.0)}, [False, True, True, True]),
-    ({"gen": (33.0, 25.0)}, [True, False, True, True]),
-    ({"entropy": (9.1, 9.5)}, [True, False, True, True]),      # below 0.95x the data's entropy: not counted
-    ({"latency": (0.7, 2.5)}, [True, True, False, True]),
-    ({"fill": (0.19, 0.1)}, [True, True, True, False]),
-    ({"fill": (0.0, 0.0)}, [True, True, True, False]),          # nothing recovered is no win
-    ({"fill": (0.04, 0.01)}, [True, True, True, False]),        # 4x AR but below writing "the" everywhere
+    ({}, [True, True, True, True, True]),
+    ({"ppl": (12.1, 10.0)}, [False, True, True, True, True]),
+    ({"gen": (33.0, 25.0)}, [True, False, True, True, True]),
+    ({"entropy": (9.1, 9.5)}, [True, False, True, True, True]),      # below 0.95x the data's entropy: not counted
+    ({"latency": (0.7, 2.5)}, [True, True, False, True, True]),
+    ({"fill": (0.19, 0.1)}, [True, True, True, False, True]),
+    ({"fill": (0.0, 0.0)}, [True, True, True, False, True]),          # nothing recovered is no win
+    ({"fill": (0.04, 0.01)}, [True, True, True, False, True]),        # 4x AR but below writing "the" everywhere
+    ({"gain": (0.4, 0.6)}, [True, True, True, True, False]),          # 0.67x the twin's prompt gain
 ])
 def test_goals(kwargs, met):
     got = compare_ar.goals(report(**kwargs))
-    assert [g["met"] for g in got] == met
+    assert [g["met"] for g in got] == met and all(g["goal"].startswith("masked: ") for g in got)
     assert "T=128" not in got[1]["value"]                     # T > 64 never counts for the gen-PPL goal
 
 
@@ -85,10 +102,11 @@ def test_bench_generate_times_both_models_at_a_scale(tmp_path):
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["model"], r["steps"], r["batch"]) for r in rows] == [
-        (m, t, b) for b in (1, 4) for m, t in (("dimba", 2), ("dimba", 4), ("ar", 32))]
+        (m, t, b) for b in (1, 4) for m, t in (("gaussian", 2), ("gaussian", 4), ("masked", 2), ("masked", 4),
+                                                ("ar", 32))]
     assert all(r["length"] == 32 and r["latency_s"] > 0 for r in rows)
     assert all(r["ar_over_this"] == 1.0 for r in rows if r["model"] == "ar")
-    assert result["setup"]["fp32_matmul_gflops"] > 0 and result["setup"]["layers"]["dimba"] == 1
+    assert result["setup"]["fp32_matmul_gflops"] > 0 and result["setup"]["layers"]["masked"] == 1
     assert "AR latency / this" in proc.stdout
 
 
@@ -98,8 +116,8 @@ def test_set_changes_both_models_and_refuses_a_reused_twin(tmp_path):
     cmd = [sys.executable, "benchmarks/compare_ar.py", "--scale", "smoke", "--out", str(tmp_path / "new"),
            "--ar-from", str(tmp_path / "old"), "--set", "training.max_steps=8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--set changes both models" in proc.stderr
+    assert proc.returncode != 0 and "--set changes every model" in proc.stderr
     scale = compare_ar.replace(compare_ar.SCALES["smoke"], train=compare_ar.SCALES["smoke"].train + ["training.max_steps=8"])
-    for kind in ("dimba", "ar"):
+    for kind in ("gaussian", "masked", "ar"):
         cfg = compare_ar.load_config(ROOT / scale.config, compare_ar.train_overrides(scale, tmp_path, kind))
         assert cfg.training.max_steps == 8

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dimba.config import ConfigError, config_from_dict, load_config
-from dimba.model.build import build_model, count_parameters
+from dimba.model.build import count_parameters
+from dimba.objectives import build_model
 from dimba.training.engine import model_state_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"model": {"conditioning": "concat"}}, "model.conditioning must be one of 'film', 'additive'"),
     ({"diffusion": {"time_warp": "cdcd"}}, "diffusion.time_warp must be one of 'power', 'learned'"),
     ({"model": {"d_model": 100, "headdim": 64}}, "must be a multiple of model.headdim"),
-    ({"model": {"kind": "ar"}}, "model.bidirectional must be false"),
+    ({"objective": "ar"}, "model.bidirectional must be false"),
+    ({"objective": "masked", "sampling": {"sampler": "ddim"}}, "sampling.sampler 'ddim' does not belong to objective 'masked'"),
+    ({"model": {"kind": "diffusion"}}, "model.kind is gone"),
+    ({"model": {"posterior_input": True}}, "model.posterior_input was removed"),
     ({"data": {"clean": {"none": 0.5}}}, "must sum to 1"),
     ({"deepspeed": {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True}}}, "deepspeed.bf16 is set by DIMBA"),
     ({"deepspeed": {"train_micro_batch_size_per_gpu": 0}}, "train_micro_batch_size_per_gpu must be a positive integer"),
@@ -63,7 +67,7 @@ def test_round_trip_through_json(tmp_path):
 def test_shipped_configs_build_on_meta_with_the_size_they_claim(name, claimed):
     cfg = load_config(ROOT / "configs" / f"{name}.json")
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg)
     n = count_parameters(model)
     mem = model_state_memory(cfg, model, gpus_per_node=8)
     print(f"{name}: {n / 1e6:.1f}M parameters; ZeRO-{cfg.zero_stage} model states on 8 GPUs: {mem / 2**30:.2f} GiB per GPU")

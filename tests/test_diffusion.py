@@ -4,10 +4,12 @@ import torch
 
 from dimba.config import config_from_dict
 from dimba.config.core import ConfigError
-from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
-from dimba.diffusion.sampling import filter_logits, pick_tokens, sample
-from dimba.diffusion.schedule import ALPHA_BAR_MIN, NoiseSchedule, timestep_grid
-from dimba.model.build import build_model
+from dimba.objectives.base import sample_seed
+from dimba.objectives.gaussian.loss import diffusion_loss, draw_noise
+from dimba.objectives.gaussian.sampling import sample
+from dimba.objectives.sampling import filter_logits, pick_tokens
+from dimba.objectives.gaussian.schedule import ALPHA_BAR_MIN, NoiseSchedule, timestep_grid
+from dimba.objectives import build_model
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
@@ -103,7 +105,7 @@ def tiny_config(**model):
 def test_sampling_is_reproducible_and_keeps_clean_tokens(sampler, precision):
     cfg = tiny_config()
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     sched = NoiseSchedule(num_steps=50)
     scfg = config_from_dict({"diffusion": {"num_steps": 50},
                              "sampling": {"steps": 10, "sampler": sampler, "eta": 0.5, "precision": precision,
@@ -128,7 +130,7 @@ def test_x0_temperature_reaches_the_model_and_needs_a_softmax_head():
 
     def run(head, temp):
         torch.manual_seed(0)
-        model = build_model(tiny_config(x0_head=head).model).eval()
+        model = build_model(tiny_config(x0_head=head)).eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "modulation" in name:
@@ -157,7 +159,7 @@ def test_noise_draws_depend_only_on_the_sample_seed():
 def test_loss_ignores_clean_and_padding_positions():
     cfg = tiny_config()
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     sched = NoiseSchedule(num_steps=50)
     tokens = torch.randint(4, 64, (2, 10))
     tokens[:, 8:] = 0                                    # padding
@@ -178,7 +180,7 @@ def test_loss_ignores_clean_and_padding_positions():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_guidance_zero_is_the_unconditional_sampler_and_keeps_clean_tokens(sampler):
     torch.manual_seed(0)
-    model = build_model(tiny_config().model).eval()
+    model = build_model(tiny_config()).eval()
     with torch.no_grad():            # make the prompt matter: random conditioning weights
         for name, p in model.named_parameters():
             if "modulation" in name or "clean_embedding" in name or "prompt_encoder" in name:

@@ -17,7 +17,7 @@ TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "mode
         "--set", "training.warmup_steps=2", "--set", "training.max_steps=30", "--set", "training.checkpoint_every=30",
         "--set", "evaluation.val_every=0", "--set", "evaluation.sample_every=0", "--set", "logging.log_every=10",
         "--set", "data.num_workers=0"]
-AR = ["--set", "model.kind=ar", "--set", "model.bidirectional=false"]
+AR = ["--set", "objective=ar", "--set", "model.bidirectional=false"]
 SMALL_EVAL = ["--batches", "2", "--batch-size", "4", "--t-samples", "4", "--t-buckets", "3", "--steps", "2,4",
               "--samples", "4", "--prompts", "4", "--gen-batch", "4", "--speed-repeats", "1", "--examples", "1"]
 STEP = 30
@@ -68,7 +68,7 @@ def numbers(obj, where=""):
 def test_help_explains_the_tool():
     proc = run([sys.executable, "tools/eval.py", "--help"])
     assert proc.returncode == 0
-    for words in ("--model", "--data", "--judge", "--run-dir", "--t-samples", "ELBO", "BLEU", "tokens/s", "model.kind"):
+    for words in ("--model", "--data", "--judge", "--run-dir", "--t-samples", "ELBO", "BLEU", "tokens/s", "objective"):
         assert words in proc.stdout, words
 
 

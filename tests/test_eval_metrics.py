@@ -13,17 +13,18 @@ from dimba.config.schema import Config, DiffusionConfig, ModelConfig
 from dimba.data.errors import DataError
 from dimba.data.shards import unigram_log_probs
 from dimba.data.tokenizer import PAD_ID, Tokenizer, train_tokenizer
-from dimba.diffusion.schedule import NoiseSchedule
-from dimba.evaluation.context import context_use
-from dimba.evaluation.denoising import loss_by_t
+from dimba.objectives.gaussian.schedule import NoiseSchedule
+from dimba.objectives.gaussian.context import context_use
+from dimba.objectives.gaussian.denoising import loss_by_t
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import StackJudge, generative_perplexity, judge_tokens
-from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, log_snr, t_of_log_snr, unigram_nll
+from dimba.objectives.gaussian.likelihood import elbo_bound, log_snr, t_of_log_snr
+from dimba.objectives.nll import unigram_nll
 from dimba.evaluation.prompted import bleu, rouge
 from dimba.evaluation.report import plot, scalars, write_json, write_tensorboard
 from dimba.evaluation.textstats import text_stats
-from dimba.model.build import build_model
-from dimba.model.dimba import TokenEmbedding
+from dimba.objectives import build_model
+from dimba.objectives.gaussian.model import TokenEmbedding
 from dimba.training.export import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_log_snr_inverse():
 def test_elbo_on_a_fresh_dimba_model_is_finite_and_seeded():
     cfg = Config(model=ModelConfig(**SMALL))
     torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg).eval()
     schedule = NoiseSchedule("cosine", True, 1000)
     g = torch.Generator().manual_seed(3)
     batches = [{"tokens": torch.randint(4, 4096, (4, 32), generator=g), "clean": torch.zeros(4, 32, dtype=torch.bool)}]
@@ -236,7 +237,8 @@ def test_unigram_log_probs_from_shards(bundled_shards):
 # ---- AR exact NLL and the judge ----------------------------------------------------------------------------
 def flat_ar(vocab: int = 4096) -> torch.nn.Module:
     """An AR model whose logits are all zero (final norm weight 0): every next token has probability 1/V."""
-    model = build_model(ModelConfig(kind="ar", bidirectional=False, **{**SMALL, "vocab_size": vocab})).eval()
+    cfg = Config(objective="ar", model=ModelConfig(bidirectional=False, **{**SMALL, "vocab_size": vocab}))
+    model = build_model(cfg).eval()
     with torch.no_grad():
         model.norm_f.weight.zero_()
     return model
@@ -259,7 +261,9 @@ def test_val_sequences_are_spread_over_the_whole_val_split(bundled_shards):
 
 def test_ar_exact_nll_of_a_uniform_model_is_log_v():
     batches = [{"tokens": torch.randint(4, 4096, (3, 20)), "clean": torch.zeros(3, 20, dtype=torch.bool)}]
-    r = ar_exact_nll(flat_ar(), batches, PAD_ID)
+    from dimba.objectives import get_objective
+    model = flat_ar()
+    r = get_objective(Config(objective="ar", model=model.cfg)).likelihood(model, batches)
     assert r["kind"] == "exact" and r["tokens"] == 3 * 19
     assert r["nll_nats_per_token"] == pytest.approx(math.log(4096), rel=1e-6)
     assert r["ppl"] == pytest.approx(4096, rel=1e-5)
@@ -276,8 +280,8 @@ def test_unigram_nll_scores_each_token_by_its_log_probability():
     assert r["stderr_nats"] == pytest.approx(abs(per_seq[0] - per_seq[1]) / 2)
 
 
-def loaded(model, tokenizer, kind="ar", shards="data/a") -> LoadedModel:
-    cfg = Config(model=model.cfg)
+def loaded(model, tokenizer, objective="ar", shards="data/a") -> LoadedModel:
+    cfg = Config(objective=objective, model=model.cfg)
     cfg.data.shards = shards
     return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, step=0, run_dir=None)
 
@@ -306,7 +310,7 @@ def test_judge_with_another_tokenizer_scores_re_encoded_text(tmp_path):
 def test_check_judge_refuses_a_diffusion_model_and_the_model_itself():
     tok = Tokenizer(TOKENIZER)
     ar = loaded(flat_ar(), tok)
-    dimba = loaded(build_model(ModelConfig(**SMALL)).eval(), tok)
+    dimba = loaded(build_model(Config(model=ModelConfig(**SMALL))).eval(), tok, objective="gaussian")
     with pytest.raises(EvalError, match="must be an autoregressive model"):
         StackJudge(dimba).check(ar)
     twin = loaded(flat_ar(), tok)
@@ -322,7 +326,7 @@ def test_check_judge_refuses_a_diffusion_model_and_the_model_itself():
 def small_report() -> dict:
     gen = [{"steps": s, "gen_ppl": 100.0 / s, "unigram_entropy_bits": 7.0 + s / 10, "distinct_2": 0.9,
             "repetition_rate": 0.01, "examples": ["a text"]} for s in (2, 8)]
-    return {"model": {"kind": "dimba", "step": 30},
+    return {"model": {"objective": "gaussian", "step": 30},
             "likelihood": {"kind": "elbo_upper_bound", "nll_nats_per_token": 5.0, "bits_per_token": 7.2,
                            "ppl_bound": math.exp(5.0)},
             "denoising_by_t": [{"t_lo": 0.001, "t_hi": 0.5, "loss": 1.5}, {"t_lo": 0.5, "t_hi": 1.0, "loss": 6.0}],
@@ -387,7 +391,7 @@ def test_infill_reports_the_most_frequent_token_baseline():
     model = flat_ar()
     from dimba.config.schema import SamplingConfig
     from dimba.evaluation.infill import infill
-    out = infill(model, Config(model=model.cfg), tok, seqs, SamplingConfig(top_p=1.0), seed=0, batch_size=2)
+    out = infill(model, Config(objective="ar", model=model.cfg), tok, seqs, SamplingConfig(top_p=1.0), seed=0, batch_size=2)
     assert (out["prefix_len"], out["middle_len"], out["suffix_len"]) == (2, 4, 2)
     assert out["mode_baseline"] == pytest.approx(3 / 8)
     assert 0 <= out["prefix_only"]["token_accuracy"] <= 1 and "with_suffix" not in out

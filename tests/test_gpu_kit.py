@@ -27,7 +27,7 @@ def test_check_runs_every_step_and_writes_its_measurements(tmp_path, monkeypatch
     assert all(": exit 0 in " in s for s in steps), steps
     speed = json.loads((out / "speed.json").read_text())
     rows = {(r["model"], r["batch"]) for r in speed["rows"]}
-    assert rows >= {("dimba", 1), ("ar", 1)} and len({r["batch"] for r in speed["rows"]}) == 2
+    assert rows >= {("gaussian", 1), ("masked", 1), ("ar", 1)} and len({r["batch"] for r in speed["rows"]}) == 2
     assert all(r["latency_s"] > 0 and r["ar_over_this"] > 0 for r in speed["rows"])
     for name in ("train-gpu-scale", "train-125m"):
         (row,) = json.loads((out / f"{name}.json").read_text())
@@ -46,7 +46,7 @@ def test_compare_fits_its_steps_to_the_budget_and_brings_the_report_back(tmp_pat
         assert (out / f).stat().st_size > 0
     report = json.loads((out / "report.json").read_text())
     models = report["setup"]["models"]
-    assert models["dimba"]["step"] == models["ar"]["step"] == fitted
-    assert models["dimba"]["tokens_trained"] == models["ar"]["tokens_trained"] > 0
+    assert models["gaussian"]["step"] == models["masked"]["step"] == models["ar"]["step"] == fitted
+    assert models["gaussian"]["tokens_trained"] == models["masked"]["tokens_trained"] == models["ar"]["tokens_trained"] > 0
     assert {"likelihood", "context", "generation", "speed"} <= set(report)
-    assert str(tmp_path) in report["checkpoints"]["dimba"]      # its runs stayed under DIMBA_RUNS
+    assert str(tmp_path) in report["checkpoints"]["masked"]     # its runs stayed under DIMBA_RUNS

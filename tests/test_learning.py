@@ -15,10 +15,11 @@ import torch
 from dimba.config import config_from_dict
 from dimba.data.masks import draw_clean_mask
 from dimba.data.tokenizer import Tokenizer
-from dimba.diffusion.objective import diffusion_loss, draw_noise, sample_seed
-from dimba.diffusion.sampling import sample
-from dimba.diffusion.schedule import NoiseSchedule
-from dimba.model.build import build_model
+from dimba.objectives.base import sample_seed
+from dimba.objectives.gaussian.loss import diffusion_loss, draw_noise
+from dimba.objectives.gaussian.sampling import sample
+from dimba.objectives.gaussian.schedule import NoiseSchedule
+from dimba.objectives import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 N, L, STEPS = 32, 24, 800
@@ -43,7 +44,7 @@ def trained():
                            "suffix_frac": [0.1, 0.35]}},
     })
     toks = windows()
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     schedule = NoiseSchedule(num_steps=cfg.diffusion.num_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     lr = torch.optim.lr_scheduler.LambdaLR(

@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from dimba.config import config_from_dict
-from dimba.model.build import build_model, count_parameters
+from dimba.model.build import count_parameters
+from dimba.objectives import build_model
 from dimba.model.mamba2 import Mamba2, fused_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make(**model):
+def make(objective="gaussian", **model):
     m = {"vocab_size": 50, "d_model": 32, "n_layers": 2, "d_embed": 8, "d_state": 8, "headdim": 16,
          "chunk_size": 8, "mixer_impl": "chunked"}
     m.update(model)
-    return config_from_dict({"model": m})
+    return config_from_dict({"objective": objective, "model": m})
 
 
 def randomize_zero_init(model):
@@ -38,7 +39,7 @@ def inputs(b=2, length=12, d=8, seed=0):
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_receptive_field(bidirectional):
     torch.manual_seed(0)
-    model = build_model(make(bidirectional=bidirectional).model)
+    model = build_model(make(bidirectional=bidirectional))
     randomize_zero_init(model)
     x, t, clean = inputs()
     y = model(x, t, clean)
@@ -53,7 +54,7 @@ def test_receptive_field(bidirectional):
 def test_fresh_blocks_are_the_identity():
     torch.manual_seed(0)
     cfg = make()
-    model = build_model(cfg.model)
+    model = build_model(cfg)
     h = torch.randn(2, 12, cfg.model.d_model)
     c = torch.randn(2, cfg.model.cond_dim)
     for block in model.blocks:
@@ -64,7 +65,7 @@ def test_fresh_blocks_are_the_identity():
 @pytest.mark.parametrize("tie", [True, False])
 def test_every_parameter_gets_a_gradient(conditioning, tie):
     torch.manual_seed(0)
-    model = build_model(make(conditioning=conditioning, tie_embeddings=tie).model)
+    model = build_model(make(conditioning=conditioning, tie_embeddings=tie))
     randomize_zero_init(model)
     x, t, clean = inputs()
     clean[0, :3] = True                    # exercise the prompt encoder and the clean embedding
@@ -83,7 +84,7 @@ def test_x0_heads(head):
     """linear: logits read x0_hat through the table; softmax: x0_hat is the expected embedding under the logits,
     so it lies in the table's convex hull and becomes a token's embedding exactly when the model is sure."""
     torch.manual_seed(0)
-    model = build_model(make(x0_head=head).model)
+    model = build_model(make(x0_head=head))
     randomize_zero_init(model)
     x, t, clean = inputs()
     x0_hat, logits = model(x, t, clean, with_logits=True)
@@ -118,76 +119,9 @@ def test_x0_heads(head):
         make(x0_head="softmax", tie_embeddings=False)
 
 
-def test_posterior_input():
-    """The denoiser's extra input is the exact context-free posterior mean of each token's embedding: at pure
-    noise the prior's mean, at low noise the token's own embedding, at clean positions x0; the network sees it
-    through in_proj's third block of columns. Without the schedule the model says what it needs."""
-    from dimba.diffusion.schedule import NoiseSchedule, bayes_logits
-
-    torch.manual_seed(0)
-    cfg = make(posterior_input=True)
-    schedule = NoiseSchedule.from_config(cfg.diffusion)
-    model = build_model(cfg.model, schedule)
-    randomize_zero_init(model)
-    assert model.in_proj.in_features == 3 * 8
-    log_p = torch.randn(50)
-    model.init_prior(log_p.numpy())
-    table = model.token_embedding.table()
-    tokens = torch.randint(1, 50, (2, 12))
-    x0 = model.embed(tokens)
-    t = torch.tensor([0.5, 0.8])
-    x_t = schedule.add_noise(x0, t, torch.randn_like(x0))
-    clean = torch.zeros(2, 12, dtype=torch.bool)
-    clean[0, :3] = True
-    x_t = torch.where(clean.unsqueeze(-1), x0, x_t)
-    post = model.posterior_mean(x_t, t, clean)
-    exact = bayes_logits(x_t @ table.t(), schedule.alpha_bar(t), model.prior, table.pow(2).sum(-1)).softmax(-1) @ table
-    torch.testing.assert_close(post[~clean], exact[~clean])
-    torch.testing.assert_close(post[clean], x0[clean])
-    ones, zeros = torch.ones(2), torch.zeros(2)
-    at_noise = model.posterior_mean(torch.randn_like(x0), ones, clean & False)
-    torch.testing.assert_close(at_noise, (model.prior.softmax(-1) @ table).expand_as(at_noise))
-    low = zeros + 1e-3
-    at_low = model.posterior_mean(schedule.add_noise(x0, low, torch.randn_like(x0)), low, clean & False)
-    torch.testing.assert_close(at_low, x0, atol=1e-3, rtol=0)
-    out = model(x_t, t, clean, self_cond=torch.randn_like(x_t))
-    out.pow(2).mean().backward()
-    assert model.prior.grad is not None and torch.any(model.prior.grad != 0)
-    assert torch.any(model.in_proj.weight.grad[:, 16:] != 0)
-    with pytest.raises(RuntimeError, match="noise schedule"):
-        build_model(cfg.model)(x_t, t, clean)
-    with pytest.raises(Exception, match="posterior_input"):
-        make(kind="ar", bidirectional=False, posterior_input=True)
-
-
-@pytest.mark.parametrize("head", ["linear", "softmax"])
-def test_logit_prior(head):
-    """model.logit_prior adds the learned per-token prior to the head's logits (and only to them: a linear head's
-    x0_hat is unchanged); init_prior starts it at the data's log-probabilities; the posterior head has its own."""
-    torch.manual_seed(0)
-    plain = build_model(make(x0_head=head).model)
-    torch.manual_seed(0)
-    model = build_model(make(x0_head=head, logit_prior=True).model)
-    log_p = torch.log_softmax(torch.randn(50), -1)
-    model.init_prior(log_p.numpy())
-    x, t, clean = inputs()
-    x0_plain, logits_plain = plain(x, t, clean, with_logits=True)
-    x0_hat, logits = model(x, t, clean, with_logits=True)
-    torch.testing.assert_close(logits, logits_plain + log_p)
-    if head == "linear":
-        torch.testing.assert_close(x0_hat, x0_plain)
-        torch.testing.assert_close(model.logits(x0_hat), logits)
-    else:
-        torch.testing.assert_close(x0_hat, logits.softmax(-1) @ model.token_embedding.table())
-    with pytest.raises(Exception, match="logit_prior"):
-        make(x0_head="posterior", logit_prior=True)
-    with pytest.raises(ValueError, match="learned prior"):
-        plain.init_prior(log_p.numpy())
-
-
 def test_time_and_prompt_change_the_output():
     torch.manual_seed(0)
-    model = build_model(make().model)
+    model = build_model(make())
     randomize_zero_init(model)
     x, t, clean = inputs()
     base = model(x, t, clean)
@@ -199,7 +133,7 @@ def test_time_and_prompt_change_the_output():
 
 def test_embeddings_are_normalised_and_padding_is_zero():
     torch.manual_seed(0)
-    model = build_model(make().model)
+    model = build_model(make())
     tokens = torch.tensor([[5, 6, 0, 7]])
     e = model.embed(tokens)
     norms = e.norm(dim=-1)[0]
@@ -207,28 +141,9 @@ def test_embeddings_are_normalised_and_padding_is_zero():
     assert norms[2].item() == 0.0
 
 
-def test_free_embedding_rows():
-    """model.embed_norm "none": the table is the raw weight, so a row's norm is learned (it starts near sqrt(d_embed)
-    as the normalised one); the options that assume rows of one norm refuse it."""
-    torch.manual_seed(0)
-    model = build_model(make(embed_norm="none").model)
-    emb = model.token_embedding
-    with torch.no_grad():
-        emb.weight[5] *= 3.0
-    e = model.embed(torch.tensor([[5, 6, 0]]))[0]
-    torch.testing.assert_close(e[:2], emb.weight[[5, 6]])
-    assert e[2].abs().sum() == 0.0 and e[0].norm() > 2 * 8 ** 0.5
-    x, t, clean = inputs()
-    x0_hat, logits = model(x, t, clean, with_logits=True)
-    torch.testing.assert_close(logits, x0_hat @ emb.weight.t())
-    for bad in ({"x0_head": "posterior"}, {"posterior_input": True}):
-        with pytest.raises(Exception, match="embed_norm"):
-            make(embed_norm="none", **bad)
-
-
 def test_each_direction_is_a_standard_mamba2():
     """The state dict of every mixer has exactly mamba_ssm.Mamba2's keys, so each direction loads there."""
-    model = build_model(make().model)
+    model = build_model(make())
     keys = {k.split("mixer.")[-1] for k in model.state_dict() if ".mixer." in k}
     assert keys == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
                     "out_proj.weight"}
@@ -237,27 +152,30 @@ def test_each_direction_is_a_standard_mamba2():
 
 def test_ar_twin_has_equal_parameters_and_the_same_backbone():
     from dimba.config import load_config
-    from dimba.model.build import ar_twin
+    from dimba.objectives import ar_twin
     for name in ("tiny", "125m"):
-        cfg = load_config(ROOT / "configs" / f"{name}.json").model
-        twin, p_dimba, p_twin = ar_twin(cfg)
-        assert twin.kind == "ar" and not twin.bidirectional
+        full = load_config(ROOT / "configs" / f"{name}.json")
+        cfg = full.model
+        twin_cfg, p_dimba, p_twin = ar_twin(full)
+        twin = twin_cfg.model
+        assert twin_cfg.objective == "ar" and not twin.bidirectional
         assert (twin.d_model, twin.d_state, twin.headdim, twin.vocab_size) == (cfg.d_model, cfg.d_state, cfg.headdim,
                                                                                 cfg.vocab_size)
         assert abs(p_twin / p_dimba - 1) < 0.05
         with torch.device("meta"):
-            assert count_parameters(build_model(twin)) == p_twin
+            assert count_parameters(build_model(twin_cfg)) == p_twin
 
 
 @pytest.mark.skipif(not fused_available(), reason="needs CUDA and mamba-ssm's Triton kernels (gpu extra)")
-@pytest.mark.parametrize("kind", ["dimba", "ar"])
+@pytest.mark.parametrize("kind", ["gaussian", "masked", "ar"])
 def test_models_on_the_fused_path_match_chunked(kind):
     """Whole models on a GPU: the fused kernels give the chunked path's outputs and gradients."""
-    cfg = make(kind=kind, bidirectional=kind == "dimba", d_model=64, chunk_size=16, mixer_impl="fused").model
+    full = make(kind, bidirectional=kind != "ar", d_model=64, chunk_size=16, mixer_impl="fused", mask_id=4)
+    cfg = full.model
     torch.manual_seed(0)
-    model = build_model(cfg).cuda()
+    model = build_model(full).cuda()
     randomize_zero_init(model)
-    if kind == "dimba":
+    if kind == "gaussian":
         x, t, clean = (a.cuda() for a in inputs(length=40))
         clean[0, :5] = True
         run = lambda: model(x, t, clean)            # noqa: E731

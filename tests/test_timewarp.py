@@ -1,4 +1,4 @@
-"""The learned time warp (dimba/diffusion/timewarp.py): its fit, its draws and its state."""
+"""The learned time warp (dimba/objectives/gaussian/timewarp.py): its fit, its draws and its state."""
 import math
 import random
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dimba.config.schema import DiffusionConfig
-from dimba.diffusion.objective import draw_noise
-from dimba.diffusion.timewarp import LearnedTimeWarp, isotonic
+from dimba.objectives.gaussian.loss import draw_noise
+from dimba.objectives.gaussian.timewarp import LearnedTimeWarp, isotonic
 
 
 def test_isotonic_is_the_least_squares_non_decreasing_fit():

@@ -1,11 +1,9 @@
 """The training engine with the real DeepSpeed on CPU ranks (gloo): equivalence, EMA, exact resume, errors."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from dimba.training.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 from dimba.training.distributed import free_port
-from tests.launch import ROOT, deepspeed_cmd, env, losses_by_step, run
+from tests.launch import ROOT, deepspeed_cmd, env, kill_during_a_save, losses_by_step, run
 
 TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.d_embed=16",
         "--set", "model.d_state=16", "--set", "model.headdim=16", "--set", "model.chunk_size=32",
@@ -148,25 +146,7 @@ def test_sigkill_during_a_save_then_resume_is_exact(uninterrupted, bundled_shard
     caught in the act, at a random moment instead. The resumed run must end bit-identical."""
     run_dir = tmp_path / "run"
     ckpt_dir = run_dir / "checkpoints"
-    proc = subprocess.Popen(train_cmd(run_dir, bundled_shards, "--set", "training.checkpoint_every=1"), cwd=ROOT,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    kill_at = None
-    mid_save = False
-    while time.time() < deadline and proc.poll() is None:
-        steps = [p for p in ckpt_dir.glob("step-*")] if ckpt_dir.exists() else []
-        incomplete = [p for p in steps if not (p / COMPLETE).exists() and p.name != "step-00000001"]
-        if incomplete:
-            mid_save = True
-            break
-        if len(steps) >= 3 and kill_at is None:
-            kill_at = time.time() + random.uniform(0.0, 3.0)
-        if kill_at is not None and time.time() >= kill_at:
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    print(f"killed {'during a save' if mid_save else 'between saves'}; folders: {sorted(p.name for p in ckpt_dir.glob('step-*'))}")
+    kill_during_a_save(train_cmd(run_dir, bundled_shards, "--set", "training.checkpoint_every=1"), ckpt_dir)
     latest = latest_checkpoint(ckpt_dir)
     assert latest is None or (latest / COMPLETE).exists()
     proc = run(train_cmd(run_dir, bundled_shards, "--set", "training.checkpoint_every=1"))

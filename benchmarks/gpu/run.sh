@@ -5,7 +5,7 @@
 #   device run:  bash benchmarks/gpu/run.sh check      carry [".whl"]             at most 9.5 minutes (limits)
 #                bash benchmarks/gpu/run.sh compare S  carry [".whl", "runs/compare-gpu/shards"]
 #                                                      S seconds of DIMBA training, as many steps for the AR twin;
-#                                                      at most 2 S seconds + 6.5 minutes (limits): S <= 100
+#                                                      at most 3 S seconds + 7.5 minutes (limits): S <= 90
 #
 # check:   1 install the carried wheels; the GPU, torch and what the fused mixer path runs on
 #          2 the CUDA-only tests: fused Mamba-2 vs mamba_ssm's module and vs the chunked scan (forward, backward,
@@ -82,7 +82,7 @@ elif [ "$MODE" = compare ]; then
   STEPS=$($PY -c "import json; r = json.load(open('$OUT/probe.json'))[0]; print(max(20, int($BUDGET / r['step_s'])))") \
     || { echo "no throughput probe: not starting the comparison"; exit 1; }
   echo "fitting $BUDGET s of DIMBA training: $STEPS steps for each model"
-  step compare $((2 * BUDGET + 240)) $PY benchmarks/compare_ar.py --scale $SCALE --judge none \
+  step compare $((3 * BUDGET + 300)) $PY benchmarks/compare_ar.py --scale $SCALE --judge none \
     --out "$RUNS/compare-$SCALE" "${CORPUS[@]}" \
     --sections likelihood,context,generation,speed --set "training.max_steps=$STEPS" \
     --set "training.warmup_steps=$((STEPS / 10 + 1))" --set "training.checkpoint_every=$STEPS" \

@@ -28,34 +28,25 @@ DEEPSPEED_OWNED_KEYS = {
 
 @dataclass
 class ModelConfig:
-    kind: Literal["dimba", "ar"] = "dimba"
+    """The shared backbone (bidirectional or causal Mamba-2 blocks) and the heads' sizes; which heads sit on it is
+    the objective's choice (the top-level `objective` field, dimba/objectives/)."""
     vocab_size: int = 8192
     pad_id: int = 0
+    mask_id: int = -1            # masked objective: the tokenizer's <mask> id (-1: read from the tokenizer at launch)
     d_model: int = 256
     n_layers: int = 4
-    d_embed: int = 64            # diffusion space: tokens are embedded to d_embed, L2-normalised to norm sqrt(d_embed)
-    # "l2": every row of the table at norm sqrt(d_embed) (unit variance per coordinate, the noise's scale); "none":
-    # the rows are free (Diffusion-LM's learned embeddings, held in place only by the CE term), so a row's norm can
-    # carry how often its token occurs and how early in the noise it is read
-    embed_norm: Literal["l2", "none"] = "l2"
+    d_embed: int = 64            # Gaussian diffusion space: tokens embed to d_embed, L2-normalised to norm sqrt(d_embed)
     bidirectional: bool = True   # forward + reversed scan per block (False: causal, for ablation and the AR twin)
     conditioning: Literal["film", "additive"] = "film"
     d_cond: int = 0              # width of the conditioning vector (0: same as d_model)
     tie_embeddings: bool = True  # logits = x0_hat . normalised embedding table
-    # how the denoiser states x0_hat: "linear" = out_proj's output (logits read it through the table); "softmax" =
-    # out_proj's output gives logits, x0_hat = softmax(logits) @ table, a mixture of token embeddings (CDCD's score
-    # interpolation, Plaid), exact once the model is sure of a token, which keeps the likelihood bound finite;
-    # "posterior" = softmax plus the context-free posterior's own terms, a learned per-token prior and
-    # c(t) x_t . table^T, so the network only has to add what the context tells (see dimba/model/dimba.py)
+    # Gaussian: how the denoiser states x0_hat: "linear" = out_proj's output (logits read it through the table);
+    # "softmax" = out_proj's output gives logits, x0_hat = softmax(logits) @ table, a mixture of token embeddings
+    # (CDCD's score interpolation, Plaid), exact once the model is sure of a token, which keeps the likelihood bound
+    # finite; "posterior" = softmax plus the context-free posterior's own terms, a learned per-token prior and
+    # c(t) x_t . table^T, so the network only has to add what the context tells (see dimba/objectives/gaussian/model.py)
     x0_head: Literal["linear", "softmax", "posterior"] = "linear"
-    self_condition: bool = True  # the denoiser takes its previous x0 estimate as an extra input
-    # the denoiser also takes each token's exact context-free posterior mean embedding, E[e_w | x_t] under a learned
-    # prior (started at the train split's unigram): the nonlinear read of a noisy vector the network would otherwise
-    # have to learn, so its layers only have to add context (dimba/model/dimba.py)
-    posterior_input: bool = False
-    # a learned per-token bias on the logits, started at the train split's unigram log-probabilities: a tied head on
-    # normalised embeddings cannot state a unigram prior itself (the posterior head has one built in)
-    logit_prior: bool = False
+    self_condition: bool = True  # Gaussian: the denoiser takes its previous x0 estimate as an extra input
     # Mamba-2 mixer (same names as mamba_ssm.Mamba2)
     d_state: int = 64
     d_conv: int = 4
@@ -71,6 +62,9 @@ class ModelConfig:
                      "ngroups", "chunk_size"):
             require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
         require(0 <= self.pad_id < self.vocab_size, f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
+        require(self.mask_id == -1 or (0 <= self.mask_id < self.vocab_size and self.mask_id != self.pad_id),
+                f"model.mask_id must be -1 (the tokenizer's <mask>) or an id in [0, vocab_size) other than pad_id, "
+                f"got {self.mask_id}")
         d_inner = self.expand * self.d_model
         require(d_inner % self.headdim == 0,
                 f"model.expand * model.d_model ({d_inner}) must be a multiple of model.headdim ({self.headdim})")
@@ -79,15 +73,6 @@ class ModelConfig:
         require(self.d_cond >= 0, f"model.d_cond must be >= 0, got {self.d_cond}")
         require(self.x0_head == "linear" or self.tie_embeddings,
                 f"model.x0_head {self.x0_head!r} needs model.tie_embeddings true (x0_hat is a mixture of the tied table)")
-        require(not self.posterior_input or self.kind == "dimba",
-                "model.posterior_input is a DIMBA input (the AR twin reads clean tokens); set it false")
-        require(not self.logit_prior or (self.kind == "dimba" and self.x0_head != "posterior"),
-                "model.logit_prior is a DIMBA linear/softmax head option (the posterior head has its prior); set it false")
-        require(self.embed_norm == "l2" or (self.x0_head != "posterior" and not self.posterior_input),
-                "model.embed_norm 'none' leaves the table's rows of unequal norm, which the posterior head and "
-                "model.posterior_input assume equal; use embed_norm 'l2' with them")
-        if self.kind == "ar":
-            require(not self.bidirectional, "model.bidirectional must be false when model.kind is 'ar' (it predicts the next token)")
 
     @property
     def cond_dim(self) -> int:
@@ -107,7 +92,7 @@ class DiffusionConfig:
     t_power: float = 1.0               # ... as t = t_min + (1 - t_min) * u ** t_power, u ~ U(0, 1): a fixed time warp;
                                        # < 1 puts more samples at high noise, where text diffusion learns the most
     time_warp: Literal["power", "learned"] = "power"   # learned: t drawn with density ~ dCE/dt, fitted to the loss
-                                       # during training (CDCD; dimba/diffusion/timewarp.py); t_power until warmup ends
+                                       # during training (CDCD; dimba/objectives/gaussian/timewarp.py); t_power until warmup ends
 
     def validate(self) -> None:
         require(self.num_steps >= 1, f"diffusion.num_steps must be >= 1, got {self.num_steps}")
@@ -120,9 +105,24 @@ class DiffusionConfig:
 
 
 @dataclass
+class MaskedConfig:
+    """The masked (absorbing-state) objective, MDLM's recipe (dimba/objectives/masked/)."""
+    t_eps: float = 1e-3                # t ~ U[t_eps, 1], low-discrepancy over the global batch; alpha_t = 1 - t
+    time_conditioning: bool = False    # feed t to the denoiser (MDLM: off; the mask count already tells it)
+    cond_dropout: float = 0.0          # classifier-free guidance: mask the prompt/clean positions of this fraction
+
+    def validate(self) -> None:
+        require(0 < self.t_eps < 1, f"masked.t_eps must be in (0, 1), got {self.t_eps}")
+        require(0 <= self.cond_dropout < 1, f"masked.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+
+
+@dataclass
 class SamplingConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    # "": the objective's default; gaussian: ddim, ddpm; masked: ancestral (MDLM), confidence (LLaDA / MaskGIT:
+    # commit the most confident tokens each step); ar: recurrent (the list: dimba.objectives, `tools/sample.py --help`)
+    sampler: Literal["", "ddpm", "ddim", "ancestral", "confidence", "recurrent"] = ""
     steps: int = 64
+    block_length: int = 0              # confidence sampler: semi-autoregressive blocks of this many tokens (0: one)
     eta: float = 0.0                   # DDIM noise (0: deterministic, 1: DDPM-like)
     spacing: Literal["uniform", "quadratic", "trailing"] = "uniform"
     temperature: float = 1.0
@@ -136,6 +136,7 @@ class SamplingConfig:
 
     def validate(self) -> None:
         require(self.steps >= 1, f"sampling.steps must be >= 1, got {self.steps}")
+        require(self.block_length >= 0, f"sampling.block_length must be >= 0, got {self.block_length}")
         require(self.eta >= 0, f"sampling.eta must be >= 0, got {self.eta}")
         require(self.temperature > 0, f"sampling.temperature must be > 0, got {self.temperature}")
         require(self.top_k >= 0, f"sampling.top_k must be >= 0, got {self.top_k}")
@@ -242,10 +243,20 @@ class LoggingConfig:
         require(self.log_every >= 1, f"logging.log_every must be >= 1, got {self.log_every}")
 
 
+OBJECTIVE_NAMES = ("gaussian", "masked", "ar")     # dimba/objectives/__init__.py holds the table itself
+# each objective's samplers, its default first (the objectives' `samplers`; here so a config is checked on load)
+SAMPLERS = {"gaussian": ("ddim", "ddpm"), "masked": ("ancestral", "confidence"), "ar": ("recurrent",)}
+
+
 @dataclass
 class Config:
+    # the training objective, and so the heads on the backbone, the loss, the likelihood and the samplers:
+    # "gaussian" (the original DIMBA: diffusion over token embeddings), "masked" (absorbing-state diffusion, MDLM)
+    # or "ar" (the autoregressive twin: causal backbone, next-token loss)
+    objective: Literal["gaussian", "masked", "ar"] = "gaussian"
     model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)      # the Gaussian objective's section
+    masked: MaskedConfig = field(default_factory=MaskedConfig)               # the masked objective's section
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -273,9 +284,15 @@ class Config:
         require(isinstance(clip, (int, float)) and clip >= 0 and math.isfinite(clip),
                 f"deepspeed.gradient_clipping must be a number >= 0, got {clip!r}")
         require(self.data.seq_len >= 2, "data.seq_len must be >= 2")
+        require(self.sampling.sampler in ("", *SAMPLERS[self.objective]),
+                f"sampling.sampler {self.sampling.sampler!r} does not belong to objective {self.objective!r}; use "
+                f"one of {', '.join(SAMPLERS[self.objective])} (or leave it empty for the default)")
+        if self.objective == "ar":
+            require(not self.model.bidirectional,
+                    "model.bidirectional must be false with objective 'ar' (it predicts the next token)")
         require(self.evaluation.sample_length <= self.data.seq_len,
                 f"evaluation.sample_length ({self.evaluation.sample_length}) must be <= data.seq_len ({self.data.seq_len})")
-        require(self.sampling.steps <= self.diffusion.num_steps,
+        require(self.objective != "gaussian" or self.sampling.steps <= self.diffusion.num_steps,
                 f"sampling.steps ({self.sampling.steps}) must be <= diffusion.num_steps ({self.diffusion.num_steps})")
 
     @property
@@ -297,12 +314,39 @@ class Config:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
+# Model fields of earlier versions: measured and not shipped (benchmarks/levers.md), removed; their defaults are
+# what every model had, so a saved config holding them at the default still loads.
+REMOVED_MODEL_FIELDS = {"posterior_input": False, "logit_prior": False, "embed_norm": "l2"}
+
+
+def upgrade_legacy(data: dict) -> dict:
+    """A config of an earlier version (model.kind 'dimba' / 'ar' before the `objective` field) in today's form."""
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    model = dict(model)
+    if "kind" in model:
+        kind = model.pop("kind")
+        legacy = {"dimba": "gaussian", "ar": "ar"}
+        if kind not in legacy:
+            raise ConfigError(f"model.kind is gone: set the top-level objective to 'gaussian', 'masked' or 'ar' "
+                              f"(got model.kind {kind!r})")
+        data.setdefault("objective", legacy[kind])
+    for name, default in REMOVED_MODEL_FIELDS.items():
+        if name in model:
+            value = model.pop(name)
+            if value != default:
+                raise ConfigError(f"model.{name} was removed (measured, not shipped: benchmarks/levers.md); "
+                                  f"drop it from the config (got {value!r})")
+    return {**data, "model": model}
+
+
 def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
     """Typed, validated Config from raw JSON data plus `a.b=value` overrides."""
     data = dict(data)
     if "deepspeed" not in data:   # overrides of deepspeed.* apply on top of the default section, not an empty one
         data["deepspeed"] = Config().deepspeed
-    return from_dict(Config, apply_overrides(data, overrides or []))
+    return from_dict(Config, upgrade_legacy(apply_overrides(data, overrides or [])))
 
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:

@@ -4,9 +4,10 @@
 
 `loaded` is a `LoadedModel` (`dimba.training.export.load_model_dir`), `judge` a `Judge` (judge.py).
 What is measured, in order:
-  likelihood      DIMBA: the ELBO upper bound on NLL per token (likelihood.py); AR twin: its exact NLL
-  denoising_by_t  DIMBA only: the training objective's terms per t bucket (denoising.py)
-  context_by_snr  DIMBA only: what the context earns the denoiser at each noise level (context.py)
+  likelihood      the objective's: Gaussian ELBO or masked NELBO upper bound on NLL per token; AR: exact NLL;
+                  beside it the train split's unigram model's exact NLL (the best without context)
+  (diagnostics)   the objective's own sections: Gaussian: denoising_by_t, context_by_snr
+                  (dimba/objectives/gaussian/denoising.py, context.py)
   reference       text statistics (and gen PPL under the judge) of held-out text of the sample length
   generation      per step count: unconditional samples -> diversity/repetition (textstats.py), gen PPL (judge.py)
   prompted        per step count: held-out prompts continued, BLEU/ROUGE against the truth (prompted.py)
@@ -16,19 +17,17 @@ The AR twin has no step count: it decodes one token per step, so its rows carry 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from dimba.config.schema import SamplingConfig
 from dimba.data.shards import unigram_log_probs
-from dimba.diffusion.schedule import NoiseSchedule
-from dimba.evaluation.context import context_use
-from dimba.evaluation.denoising import loss_by_t
+from dimba.config.core import ConfigError
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import Judge, generative_perplexity
-from dimba.evaluation.likelihood import ar_exact_nll, elbo_bound, unigram_nll
+from dimba.objectives.nll import unigram_nll
 from dimba.evaluation.infill import infill
 from dimba.evaluation.prompted import continue_prompts
 from dimba.evaluation.speed import time_generation
@@ -71,16 +70,17 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
     """The full report (a JSON-ready dict; see the module doc for its sections)."""
     opts.validate()
     cfg, model, tok = loaded.cfg, loaded.model, loaded.tokenizer
-    kind = cfg.model.kind
-    sampling = sampling or cfg.sampling
+    objective = loaded.objective
+    try:
+        sampling = objective.sampling(sampling or cfg.sampling)
+        for steps in opts.steps:
+            objective.with_steps(sampling, steps)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     seq_len = opts.seq_len or cfg.data.seq_len
     prompt_len = opts.prompt_len or seq_len // 2
     if not 1 <= prompt_len < seq_len:
         raise EvalError(f"--prompt-len must be in [1, {seq_len - 1}] for {seq_len}-token sequences, got {prompt_len}")
-    if kind == "dimba":
-        bad = [s for s in opts.steps if s > cfg.diffusion.num_steps]
-        if bad:
-            raise EvalError(f"--steps {bad} exceed the model's diffusion.num_steps ({cfg.diffusion.num_steps})")
     warnings = judge.check(loaded) if judge is not None else []
     for w in warnings:
         log(f"warning: {w}")
@@ -108,24 +108,11 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
     prior = unigram_log_probs(shards, cfg.model.vocab_size, cfg.model.pad_id)   # None: the shards have no train split
     if prior is not None:     # the yardstick: the best NLL of a model that reads no context
         report["likelihood_unigram"] = unigram_nll(prior, batches, cfg.model.pad_id)
-    if kind == "dimba":
-        schedule = NoiseSchedule.from_config(cfg.diffusion)
-        report["likelihood"] = elbo_bound(model, schedule, batches, cfg.model.pad_id, cfg.diffusion.t_min,
-                                          opts.t_samples, opts.seed, device)
-        done("likelihood")
-        timed("denoising_by_t")
-        report["denoising_by_t"] = loss_by_t(model, schedule, cfg.diffusion, batches, cfg.model.pad_id,
-                                             opts.t_buckets, opts.seed, device)
-        done("denoising_by_t")
-        timed("context_by_snr")
-        report["context_by_snr"] = context_use(model, schedule, batches, cfg.model.pad_id, prior, seed=opts.seed,
-                                               device=device)
-        done("context_by_snr")
-        step_counts = sorted(set(opts.steps))
-    else:
-        report["likelihood"] = ar_exact_nll(model, batches, cfg.model.pad_id, device)
-        done("likelihood")
-        step_counts = [seq_len]
+    report["likelihood"] = objective.likelihood(model, batches, opts.t_samples, opts.seed, device)
+    done("likelihood")
+    for name, section in objective.diagnostics(model, batches, prior, opts, device).items():
+        report[name] = section
+    step_counts = objective.step_counts(opts.steps, seq_len)
     lik = report["likelihood"]
     log(f"likelihood: {lik['nll_nats_per_token']:.4f} nats/token ({lik['kind']})")
 
@@ -136,8 +123,8 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
 
     report["generation"], report["prompted"], report["infill"], report["speed"] = [], [], [], []
     for steps in step_counts:
-        samp = replace(sampling, steps=steps) if kind == "dimba" else sampling
-        label = {"steps": steps, "sampler": samp.sampler if kind == "dimba" else "ar-recurrent"}
+        samp = objective.with_steps(sampling, steps)
+        label = {"steps": steps, "sampler": samp.sampler}
         timed(f"generation@{steps}")
         requests = [Request(prefix=[], middle_length=seq_len) for _ in range(opts.samples)]
         results, _ = generate(model, cfg, requests, samp, seed=opts.seed, batch_size=opts.gen_batch, device=device)
@@ -150,7 +137,8 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
         done(f"generation@{steps}")
         timed(f"prompted@{steps}")
         report["prompted"].append({**label, **continue_prompts(model, cfg, tok, seqs[:opts.prompts], prompt_len, samp,
-                                                               opts.seed + 1, opts.gen_batch, device, opts.examples)})
+                                                               opts.seed + 1, opts.gen_batch, device, opts.examples,
+                                                               judge)})
         done(f"prompted@{steps}")
         timed(f"infill@{steps}")
         report["infill"].append({**label, **infill(model, cfg, tok, seqs[:opts.prompts], samp, opts.seed + 2,

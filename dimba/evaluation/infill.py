@@ -1,8 +1,8 @@
 """Infilling: hide the middle half of held-out windows and score what the model writes there.
 
 For a window of L tokens the first L/4 (prefix) and the last L/4 (suffix) are given and the L/2 in between are
-hidden. DIMBA fills the gap in one diffusion pass with prefix and suffix held clean; it is also run with the
-prefix only, to show what the suffix adds. The autoregressive twin can only continue the prefix (it has no way
+hidden. A diffusion model fills the gap with prefix and suffix held clean; it is also run with the prefix only,
+to show what the suffix adds. The autoregressive twin can only continue the prefix (it has no way
 to read the suffix), which is the comparison the infilling claim is about. Scores: token accuracy of the
 recovered middle against the hidden one (position by position) and sacrebleu BLEU of the decoded middles.
 Position-wise accuracy rewards frequent tokens: `mode_baseline` is the accuracy of writing the windows' most
@@ -15,6 +15,7 @@ import torch
 from dimba.config.schema import SamplingConfig
 from dimba.evaluation.prompted import bleu
 from dimba.evaluation.textgen import Request, generate
+from dimba.objectives import get_objective
 
 
 def split_window(length: int) -> tuple[int, int, int]:
@@ -34,7 +35,8 @@ def _score(results, sequences: torch.Tensor, prefix: int, middle: int, tokenizer
 
 def infill(model, cfg, tokenizer, sequences: torch.Tensor, sampling: SamplingConfig, seed: int = 0,
            batch_size: int = 16, device: torch.device | str = "cpu") -> dict:
-    """Infilling scores on (N, L) held-out windows: with the suffix (DIMBA) and with the prefix only (both kinds)."""
+    """Infilling scores on (N, L) held-out windows: with the prefix only (every objective) and with the suffix too
+    (objectives that can read one)."""
     prefix, middle, suffix = split_window(sequences.size(1))
     out = {"windows": len(sequences), "prefix_len": prefix, "middle_len": middle, "suffix_len": suffix}
     hidden = sequences[:, prefix:prefix + middle]
@@ -42,7 +44,7 @@ def infill(model, cfg, tokenizer, sequences: torch.Tensor, sampling: SamplingCon
     prefix_only = [Request(s[:prefix].tolist(), middle) for s in sequences]
     results, _ = generate(model, cfg, prefix_only, sampling, seed, batch_size, device)
     out["prefix_only"] = _score(results, sequences, prefix, middle, tokenizer)
-    if cfg.model.kind == "dimba":
+    if get_objective(cfg).uses_suffix:
         framed = [Request(s[:prefix].tolist(), middle, s[prefix + middle:].tolist()) for s in sequences]
         results, _ = generate(model, cfg, framed, sampling, seed, batch_size, device)
         out["with_suffix"] = _score(results, sequences, prefix, middle, tokenizer)

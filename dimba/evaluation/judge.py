@@ -2,7 +2,7 @@
 
 A judge (`Judge`) scores token sequences of the evaluated model's tokenizer; `load_judge(spec)` gives one of:
 
-- `StackJudge` (`--judge PATH`): a DIMBA-stack AR model (model.kind "ar": any folder `load_model_dir` opens). Its
+- `StackJudge` (`--judge PATH`): a DIMBA-stack AR model (objective "ar": any folder `load_model_dir` opens). Its
   training data should differ from the evaluated model's, or the number measures memorisation more than quality.
   Each sample is scored on its own: the judge reads EOS (the document separator it saw in training, so "start of
   a document") and then the sample. When the judge shares the evaluated model's tokenizer (same sha256) the token
@@ -163,9 +163,9 @@ class StackJudge:
     def check(self, evaluated) -> list[str]:
         """The judge must be an AR model other than the evaluated one."""
         judge = self.loaded
-        if judge.cfg.model.kind != "ar":
-            raise EvalError(f"--judge must be an autoregressive model (model.kind 'ar'); the folder given holds a "
-                            f"model.kind {judge.cfg.model.kind!r} model. Train one with --set model.kind=ar "
+        if judge.cfg.objective != "ar":
+            raise EvalError(f"--judge must be an autoregressive model (objective 'ar'); the folder given holds an "
+                            f"objective {judge.cfg.objective!r} model. Train one with --set objective=ar "
                             "--set model.bidirectional=false on other data")
         if judge.model is evaluated.model or _same_weights(judge, evaluated):
             raise EvalError("--judge holds the evaluated model itself (same config and weights); a model cannot "

@@ -1,11 +1,13 @@
 """Prompted continuation of held-out text, scored against what really followed.
 
 Each held-out sequence is cut into a prompt (its first `prompt_len` tokens) and the true continuation (the
-rest); the model continues the prompt by the same number of tokens (DIMBA: one diffusion pass with the prompt
-held clean; AR: recurrent decoding after [BOS, prompt], as `textgen.generate` does for both), and the decoded
+rest); the model continues the prompt by the same number of tokens (diffusion: the prompt held clean; AR:
+recurrent decoding after [BOS, prompt], as `textgen.generate` does for every objective), and the decoded
 continuations are compared with the decoded true ones:
   bleu       sacrebleu corpus BLEU, 0-100, default 13a tokenisation
   rouge*_f   rouge-score F-measure (rouge1, rouge2, rougeL), 0-1, Porter stemming, averaged over prompts
+  prompt_gain_nats  (with a judge) the judge's NLL of a continuation after another sample's prompt minus after
+             its own, per token: how much the continuation follows from its prompt (`prompt_gain`)
 Open-ended continuation has many right answers, so both are low even for good models; they are useful to
 compare checkpoints and step counts on the same prompts, not as absolute quality.
 """
@@ -42,8 +44,9 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 def continue_prompts(model, cfg, tokenizer, sequences: torch.Tensor, prompt_len: int, sampling: SamplingConfig,
                      seed: int = 0, batch_size: int = 16, device: torch.device | str = "cpu",
-                     examples: int = 3) -> dict:
-    """Continue each sequence's first `prompt_len` tokens by the rest of its length; BLEU/ROUGE vs the truth."""
+                     examples: int = 3, judge=None) -> dict:
+    """Continue each sequence's first `prompt_len` tokens by the rest of its length; BLEU/ROUGE vs the truth, and
+    with a `judge` the prompt gain (`prompt_gain`)."""
     length = sequences.size(1)
     if not 1 <= prompt_len < length:
         raise ValueError(f"prompt length must be in [1, {length - 1}] for {length}-token sequences, got {prompt_len}")
@@ -53,6 +56,29 @@ def continue_prompts(model, cfg, tokenizer, sequences: torch.Tensor, prompt_len:
     refs = [tokenizer.decode(s[prompt_len:]) for s in sequences]
     out = {"prompts": len(requests), "prompt_len": prompt_len, "continuation_len": length - prompt_len,
            "bleu": bleu(hyps, refs), **rouge(hyps, refs)}
+    if judge is not None and len(requests) >= 2:
+        out.update(prompt_gain(judge, tokenizer, [r.prefix for r in requests], [r.middle for r in results],
+                               batch_size))
     out["examples"] = [{"prompt": tokenizer.decode(sequences[i, :prompt_len]), "continuation": hyps[i],
                         "truth": refs[i]} for i in range(min(examples, len(hyps)))]
     return out
+
+
+def prompt_gain(judge, tokenizer, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                batch_size: int = 16) -> dict:
+    """Does the model's continuation depend on its prompt? The judge's NLL of each continuation after another
+    sample's prompt (prompt i + 1, cyclically) minus its NLL after its own, per continuation token (nats):
+
+        gain = [sum_i NLL(p_{i+1} + c_i) - sum_i NLL(p_i + c_i)] / (tokens of p_i + c_i - tokens of p_i)
+
+    (the prompts' own NLL cancels: the same prompts appear in both sums). About 0 when the continuation ignores
+    its prompt; large when it follows from it. Needs at least 2 prompts."""
+    if len(prompts) < 2:
+        raise ValueError("the prompt gain needs at least 2 prompts")
+    own = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    other = [list(prompts[(i + 1) % len(prompts)]) + list(c) for i, c in enumerate(continuations)]
+    nll_own, n_own = judge.nll(tokenizer, own, batch_size)
+    nll_other, _ = judge.nll(tokenizer, other, batch_size)
+    _, n_prompt = judge.nll(tokenizer, [list(p) for p in prompts], batch_size)
+    n_cont = max(n_own - n_prompt, 1)
+    return {"prompt_gain_nats": (nll_other - nll_own) / n_cont, "continuation_tokens": n_cont}

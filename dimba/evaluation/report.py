@@ -94,7 +94,8 @@ def plot(report: dict, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     gen, prm, spd, ref = report["generation"], report["prompted"], report["speed"], report.get("reference", {})
-    kind = report["model"]["kind"]
+    objective = report["model"].get("objective", report["model"].get("kind"))
+    sequential = objective == "ar"
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
 
     def panel(ax, rows, keys, title, log_y=False, ref_key=None):
@@ -105,7 +106,7 @@ def plot(report: dict, path: str | Path) -> Path:
         if ref_key and ref.get(ref_key) is not None:
             ax.axhline(ref[ref_key], color="gray", linestyle="--", label="held-out text")
         ax.set_title(title)
-        ax.set_xlabel("sampling steps" if kind == "dimba" else "decoding steps (one per token)")
+        ax.set_xlabel("decoding steps (one per token)" if sequential else "sampling steps")
         ax.set_xscale("log", base=2)
         ax.set_xticks([r["steps"] for r in rows], [str(r["steps"]) for r in rows])
         ax.minorticks_off()
@@ -130,7 +131,7 @@ def plot(report: dict, path: str | Path) -> Path:
     panel(axes[1, 1], spd, ["tokens_per_s"], f"speed ({spd[0]['device'] if spd else ''})", log_y=True)
     lik = report["likelihood"]
     what = "exact NLL" if lik["kind"] == "exact" else "NLL bound"
-    fig.suptitle(f"{kind} model, step {report['model']['step']}: {what} {lik['nll_nats_per_token']:.3f} nats/token")
+    fig.suptitle(f"{objective} model, step {report['model']['step']}: {what} {lik['nll_nats_per_token']:.3f} nats/token")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

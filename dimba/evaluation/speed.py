@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
 from dimba.config.schema import SamplingConfig
 from dimba.evaluation.textgen import Request, generate
+from dimba.objectives import get_objective
 
 
 def _sync(device) -> None:
@@ -30,7 +30,8 @@ def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, lengt
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     requests = [Request(prefix=[], middle_length=length) for _ in range(batch_size)]
-    warm = replace(sampling, steps=1) if cfg.model.kind == "dimba" else sampling
+    objective = get_objective(cfg)
+    warm = objective.with_steps(sampling, 1) if objective.parallel else sampling
     generate(model, cfg, requests, warm, seed=seed, batch_size=batch_size, device=device)   # warm-up
     times = []
     for r in range(repeats):
@@ -46,13 +47,15 @@ def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, lengt
 
 def speed_rows(models: dict, dimba_steps: list[int], batches: list[int], length: int, repeats: int = 3,
                device: torch.device | str = "cpu", log=print) -> list[dict]:
-    """The speed comparison: for each batch size, DIMBA at each number of steps T and the AR twin decoding the same
-    `length` tokens. `models` maps 'dimba' / 'ar' to (model, cfg); rows carry model and steps (AR: `length`)."""
+    """The speed comparison: for each batch size, each diffusion model at each number of steps T and the AR twin
+    decoding the same `length` tokens. `models` maps a name to (model, cfg); rows carry model and steps (AR:
+    `length`)."""
     rows = []
     for batch in batches:
         for kind, (model, cfg) in models.items():
-            for steps in (dimba_steps if cfg.model.kind == "dimba" else [length]):
-                samp = replace(cfg.sampling, steps=steps) if cfg.model.kind == "dimba" else cfg.sampling
+            objective = get_objective(cfg)
+            for steps in objective.step_counts(dimba_steps, length):
+                samp = objective.with_steps(cfg.sampling, steps)
                 r = time_generation(model, cfg, samp, batch, length, repeats, 0, device)
                 rows.append({"model": kind, "steps": steps, **r})
                 log(f"[speed] {kind} T={steps} batch {batch}: {r['latency_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s")

@@ -14,8 +14,6 @@ import torch.nn as nn
 
 from dimba.config.schema import Config
 from dimba.data.shards import unigram_log_probs
-from dimba.diffusion.schedule import NoiseSchedule
-from dimba.model.build import build_model
 from dimba.training.distributed import DistInfo
 from dimba.training.lr import lr_factor
 
@@ -76,16 +74,14 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.training.precision == "bf16"
 
 
-def build_engine(cfg: Config, info: DistInfo):
-    """(engine, module): the DeepSpeed engine and the model it wraps (same seed on every rank)."""
+def build_engine(cfg: Config, info: DistInfo, objective):
+    """(engine, module): the DeepSpeed engine and the model of `objective` it wraps (same seed on every rank)."""
     import deepspeed
 
     torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))
-    if cfg.model.kind == "dimba" and model.has_prior:       # data-dependent init (resume overwrites)
-        log_p = unigram_log_probs(cfg.data.shards, cfg.model.vocab_size, cfg.model.pad_id)
-        if log_p is not None:
-            model.init_prior(log_p)
+    model = objective.build_model()
+    # data-dependent init (resume overwrites it)
+    objective.init_model(model, lambda: unigram_log_probs(cfg.data.shards, cfg.model.vocab_size, cfg.model.pad_id))
     bf16 = use_bf16(cfg, info.device)
     model.to(info.device)
     kwargs = {"lr": cfg.training.lr, "betas": tuple(cfg.training.betas), "eps": cfg.training.eps}

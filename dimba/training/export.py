@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from dimba.config.core import ConfigError
 from dimba.config.schema import Config, config_from_dict
-from dimba.diffusion.schedule import NoiseSchedule
-from dimba.model.build import build_model, count_parameters
+from dimba.model.build import count_parameters
+from dimba.objectives import OBJECTIVES, build_model, get_objective
 from dimba.training.checkpoint import COMPLETE, latest_checkpoint, safe_deepspeed_load
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
@@ -99,19 +100,36 @@ def convert_checkpoint(src: Path, out_dir: Path, weights: str = "ema", dtype: st
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"step": str(step), "weights": weights, "kind": cfg.model.kind, "source": str(ckpt)}
+    meta = {"step": str(step), "weights": weights, "objective": cfg.objective, "source": str(ckpt)}
     save_file({k: v.to(torch_dtype).contiguous() for k, v in state.items()}, str(out_dir / MODEL_FILE), metadata=meta)
     (out_dir / CONFIG_FILE).write_text(cfg.to_json())
     shutil.copyfile(find_tokenizer(ckpt, cfg), out_dir / TOKENIZER_FILE)
     return out_dir
 
 
-def _check_architecture(cfg: Config, state: dict, source: str) -> nn.Module:
+def _shapes(cfg: Config) -> dict:
     with torch.device("meta"):
-        model = build_model(cfg.model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+
+def _layout(shapes: dict) -> set[str]:
+    """Parameter names with block indices folded (an objective's layout, whatever its depth)."""
+    return {re.sub(r"blocks\.\d+\.", "blocks.*.", k) for k in shapes}
+
+
+def _check_architecture(cfg: Config, state: dict, source: str) -> None:
+    try:
+        expected = _shapes(cfg)
+    except ConfigError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
+        for name in OBJECTIVES:            # weights of another objective's model under this config's sizes?
+            other = replace(cfg, objective=name, model=replace(cfg.model, bidirectional=name != "ar",
+                                                                 mask_id=max(cfg.model.mask_id, 0)))
+            if name != cfg.objective and _layout(_shapes(other)) == _layout(got):
+                raise ModelLoadError(f"weights in {source} are a {name!r} model but its config says objective "
+                                     f"{cfg.objective!r}; use the config it was trained with")
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
         shape = [k for k in expected if k in got and expected[k] != got[k]]
@@ -119,7 +137,6 @@ def _check_architecture(cfg: Config, state: dict, source: str) -> nn.Module:
                   else f"{shape[0]} is {got[shape[0]]}, the config says {expected[shape[0]]}")
         raise ModelLoadError(f"weights in {source} do not fit the model its config describes ({detail}); "
                              "they belong to another architecture")
-    return model
 
 
 @dataclass
@@ -130,10 +147,15 @@ class LoadedModel:
     step: int
     run_dir: Optional[Path]
 
+    @property
+    def objective(self):
+        """The model's objective (its samplers, likelihood and generation)."""
+        return get_objective(self.cfg)
+
     def describe(self, path: str = "") -> dict:
         """What a report says about this model (loaded from `path`)."""
         m = self.cfg.model
-        return {"path": path, "kind": m.kind, "step": self.step, "parameters": count_parameters(self.model),
+        return {"path": path, "objective": self.cfg.objective, "step": self.step, "parameters": count_parameters(self.model),
                 "d_model": m.d_model, "n_layers": m.n_layers, "vocab_size": m.vocab_size,
                 "trained_seq_len": self.cfg.data.seq_len, "trained_on": self.cfg.data.shards,
                 "tokenizer_sha256": self.tokenizer.sha256}
@@ -169,7 +191,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ModelLoadError(f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model was trained with "
                              f"model.vocab_size={cfg.model.vocab_size}; use the tokenizer the model was trained with")
-    model = build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))
+    model = build_model(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device).eval()
     return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, step=step, run_dir=run_dir)

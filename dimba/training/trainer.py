@@ -17,19 +17,16 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from dimba.config.schema import Config, save_config
-from dimba.diffusion.objective import PER_SAMPLE_TERMS, diffusion_loss, draw_noise, sample_seed
-from dimba.diffusion.schedule import NoiseSchedule
-from dimba.diffusion.timewarp import LearnedTimeWarp
+from dimba.config.core import ConfigError
+from dimba.config.schema import Config, config_from_dict, save_config
+from dimba.objectives import Request, get_objective, make_draw
 from dimba.training import checkpoint as ckpt
 from dimba.training.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from dimba.training.ema import EMA
 from dimba.training.engine import build_engine, peak_flops
 from dimba.training.metrics import MetricsWriter
 from dimba.training.stopflag import StopFlag
-from dimba.data.tokenizer import BOS_ID
-from dimba.model.ar import ar_loss
-from dimba.model.build import count_parameters, train_flops_per_token
+from dimba.model.build import count_parameters
 
 VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
 IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
@@ -44,11 +41,8 @@ class Trainer:
                  stop: Optional[StopFlag] = None):
         self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
         self.loader, self.val_loader, self.tokenizer = loader, val_loader, tokenizer
-        self.schedule = NoiseSchedule.from_config(cfg.diffusion)
-        self.engine, self.model = build_engine(cfg, info)
-        d = cfg.diffusion
-        self.warp = (LearnedTimeWarp(d.t_min, d.t_power, start_step=cfg.training.warmup_steps)
-                     if d.time_warp == "learned" and cfg.model.kind == "dimba" else None)
+        self.objective = get_objective(cfg)          # the loss, samplers and learned state; the trainer never asks which
+        self.engine, self.model = build_engine(cfg, info, self.objective)
         self.ema = EMA(self.model, cfg.training.ema_decay, cfg.zero_stage) if cfg.training.ema_decay > 0 else None
         self.writer = MetricsWriter(self.run_dir, info.is_main, cfg.logging.tensorboard)
         self.stop = stop if stop is not None else StopFlag()   # set by the signal handler; read, never written
@@ -59,7 +53,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.n_params = count_parameters(self.model)
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.diffusion.self_cond_prob)
+        self.flops_per_token = self.objective.flops_per_token()
         self.peak = peak_flops(info.device)
         self._it: Optional[Iterator] = None
 
@@ -71,15 +65,16 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
                 "world_size": self.info.world_size, "loader": loader_states, "config": self.cfg.to_dict(),
                 "ema_updates": self.ema.num_updates if self.ema is not None else 0,
-                "time_warp": self.warp.state_dict() if self.warp is not None else None}
+                "objective": self.cfg.objective, "objective_state": self.objective.state_dict()}
 
     def save(self) -> Path:
         state = self.client_state()
         ema = self.ema.full_state_dict() if self.ema is not None else None
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.step, state, ema, self.cfg.training.keep_last,
                                     self.info.rank)
-        if self.warp is not None and self.info.is_main:
-            ckpt._atomic_write(self.run_dir / "time_warp.json", json.dumps(self.warp.summary()) + "\n")
+        summary = self.objective.summary()
+        if summary is not None and self.info.is_main:
+            ckpt._atomic_write(self.run_dir / self.objective.summary_file, json.dumps(summary) + "\n")
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -94,7 +89,12 @@ class Trainer:
         if path is None:
             return False
         saved = json.loads((path / "state.json").read_text())
+        was = saved.get("objective") or config_from_dict(saved["config"]).objective
+        if was != self.cfg.objective:
+            raise TrainingStopped(f"checkpoint {path} was trained with objective {was!r}, this config says "
+                                  f"{self.cfg.objective!r}; use a new --run-dir or set objective={was}")
         now = self.cfg.to_dict()["model"]
+        saved["config"] = config_from_dict(saved["config"]).to_dict()      # an earlier version's config, upgraded
         diff = [k for k, v in saved["config"]["model"].items() if k not in IMPLEMENTATION_ONLY and now.get(k) != v]
         if diff:
             raise TrainingStopped(f"checkpoint {path} was written by a different model (model.{diff[0]} differs); "
@@ -109,11 +109,10 @@ class Trainer:
         if self.ema is not None and ema is not None:
             self.ema.load_full_state_dict(ema)
             self.ema.num_updates = state["ema_updates"]
-        if self.warp is not None:
-            if state.get("time_warp") is None:
-                raise TrainingStopped(f"checkpoint {path} was trained without diffusion.time_warp 'learned'; "
-                                      "resume it with the time warp it was trained with, or use a new --run-dir")
-            self.warp.load_state_dict(state["time_warp"])
+        try:
+            self.objective.load_state_dict(state.get("objective_state", state.get("time_warp")))
+        except ConfigError as e:
+            raise TrainingStopped(f"checkpoint {path}: {e}") from None
         self.log(f"resumed from {path} at step {self.step}")
         return True
 
@@ -127,31 +126,28 @@ class Trainer:
             self._it = iter(self.loader)
         return self._it
 
-    def loss(self, batch: dict, seed: int, first_index: int, warp=None) -> tuple[torch.Tensor, dict]:
-        """Loss of one micro-batch; sample i's noise comes from (seed, first_index + i) only (and the state of
-        `warp`, a learned time warp, when given). Diffusion terms include the per-sample PER_SAMPLE_TERMS."""
-        tokens = batch["tokens"].to(self.info.device)
-        if self.cfg.model.kind == "ar":
-            return ar_loss(self.model, tokens, self.cfg.model.pad_id)
-        clean = batch["clean"].to(self.info.device)
-        b, length = tokens.shape
-        seeds = [sample_seed(seed, 0, first_index + i) for i in range(b)]
-        draw = draw_noise(self.cfg.diffusion, seeds, length, self.cfg.model.d_embed, self.info.device, warp)
-        return diffusion_loss(self.model, self.schedule, self.cfg.diffusion, tokens, clean, draw, self.cfg.model.pad_id)
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.grad_accum * self.cfg.micro_batch_size * self.info.world_size
 
-    def micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: dict, seed: int, first_index: int, training: bool = True):
+        """The objective's LossResult for one micro-batch; sample i's randomness comes from (seed, first_index + i)
+        only (and, when training, the objective's learned state)."""
+        draw = make_draw(seed, first_index, batch["tokens"].shape[0], self.global_batch)
+        return self.objective.loss(self.model, batch, draw, training)
+
+    def micro_loss(self, batch: dict):
         b = batch["tokens"].shape[0]
-        return self.loss(batch, self.cfg.training.seed, (self.micro_index * self.info.world_size + self.info.rank) * b,
-                         self.warp)
+        return self.loss(batch, self.cfg.training.seed, (self.micro_index * self.info.world_size + self.info.rank) * b)
 
     def train_step(self) -> Optional[dict]:
         """Run micro-batches until one optimizer step is done; returns averaged terms (None if stopped early)."""
         done, sums = 0, {}
         while done < self.cfg.grad_accum:
             batch = next(self._batches())
-            loss, terms = self.micro_loss(batch)
+            result = self.micro_loss(batch)
             self.micro_index += 1
-            bad = all_reduce_max([0.0 if torch.isfinite(loss).item() else 1.0], self.info.device)[0]
+            bad = all_reduce_max([0.0 if torch.isfinite(result.loss).item() else 1.0], self.info.device)[0]
             if bad:
                 self.nonfinite_total += 1
                 self.nonfinite_run += 1
@@ -160,20 +156,17 @@ class Trainer:
                     return None
                 continue
             self.nonfinite_run = 0
-            per_sample = {k: terms.pop(k) for k in PER_SAMPLE_TERMS if k in terms}
-            if self.warp is not None:
-                self.warp.observe(per_sample["t"], per_sample["ce_sum"], per_sample["n"])
-            self.engine.backward(loss)
+            self.objective.observe(result)
+            self.engine.backward(result.loss)
             self.engine.step()
             done += 1
-            for k, v in terms.items():
+            for k, v in result.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         self.step += 1
         self.tokens_seen += self.cfg.grad_accum * self.cfg.micro_batch_size * self.cfg.data.seq_len * self.info.world_size
         if self.ema is not None:
             self.ema.update()
-        if self.warp is not None:
-            self.warp.update(self.info.device)      # collective: every rank refits the same curve
+        self.objective.after_step(self.info.device)     # may be collective (the Gaussian time warp's refit)
         # The one place the ranks agree whether to stop; every save/stop decision below uses this agreed value.
         # The signal flag itself is only read: a signal landing during or after this collective (on any rank, at
         # any moment) is taken up at the next step's agreement, never overwritten and never acted on alone.
@@ -196,18 +189,16 @@ class Trainer:
                 if i >= limit:
                     break
                 b = batch["tokens"].shape[0]
-                _, terms = self.loss(batch, self.cfg.training.seed + VAL_SEED_OFFSET,
-                                     (i * self.info.world_size + self.info.rank) * b)   # power warp: comparable
-                for k in PER_SAMPLE_TERMS:
-                    terms.pop(k, None)
-                for k, v in terms.items():
+                result = self.loss(batch, self.cfg.training.seed + VAL_SEED_OFFSET,
+                                   (i * self.info.world_size + self.info.rank) * b, training=False)
+                for k, v in result.metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
         finally:
             self.model.train()
             if self.ema is not None:
                 self.ema.swap_out()
-        keys = ["loss", "mse", "ce", "acc"]
+        keys = list(sums) or ["loss"]     # the objective's metric names, in its order: the same on every rank
         count = all_reduce_mean([float(n)], self.info.device)[0]
         vals = all_reduce_mean([sums.get(k, 0.0) for k in keys], self.info.device)
         return {k: v / max(count, 1e-9) for k, v in zip(keys, vals)}
@@ -216,22 +207,17 @@ class Trainer:
     def text_samples(self) -> list[str]:
         """A few unconditional samples with the EMA weights (every rank runs them: ZeRO-3 gathers are
         collective; rank 0 decodes)."""
-        from dimba.diffusion.sampling import sample
+        import deepspeed
         if self.ema is not None:
             self.ema.swap_in()
         self.model.eval()
         try:
             g = torch.Generator().manual_seed(self.cfg.training.seed + self.step)
             n, length = self.cfg.evaluation.num_samples, self.cfg.evaluation.sample_length
-            if self.cfg.model.kind == "ar":
-                # recurrent decoding reads weights outside module forwards: gather them (ZeRO-3) for its duration
-                import deepspeed
-                with deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=self.cfg.zero_stage == 3):
-                    bos = torch.full((n, 1), BOS_ID, dtype=torch.long, device=self.info.device)
-                    tokens = self.model.generate(bos, length - 1, self.cfg.sampling, g)
-            else:
-                tokens = sample(self.model, self.schedule, self.cfg.sampling, n, length, generator=g,
-                                device=self.info.device)
+            requests = [Request(prefix=[], middle_length=length) for _ in range(n)]
+            gather = self.cfg.zero_stage == 3 and self.objective.gather_for_sampling
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=gather):
+                tokens = self.objective.generate(self.model, requests, self.cfg.sampling, g, self.info.device)
         finally:
             self.model.train()
             if self.ema is not None:
@@ -278,8 +264,7 @@ class Trainer:
                 gn = self.engine.get_global_grad_norm()
                 if gn is not None:
                     extra["grad_norm"] = float(gn)
-                if self.warp is not None:
-                    extra["time_warp/t_median"] = self.warp.t_of_u(0.5)
+                extra.update(self.objective.log_extra())
                 if self.peak:
                     extra["mfu"] = self.flops_per_token * per_rank / self.peak
                 if torch.cuda.is_available():
@@ -292,14 +277,14 @@ class Trainer:
                         extra[f"data/{k}"] = v
                 self.writer.scalars(step, {f"train/{k}": v for k, v in terms.items() if k != "tokens"})
                 self.writer.scalars(step, extra)
-                self.log(f"step {step} loss {terms['loss']:.4f} mse {terms['mse']:.4f} ce {terms['ce']:.4f} "
-                         f"acc {terms['acc']:.3f} lr {extra['lr']:.2e} tok/s {tok_s:.0f}"
+                self.log(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+                         + f" lr {extra['lr']:.2e} tok/s {tok_s:.0f}"
                          + (f" mfu {extra['mfu']:.3f}" if "mfu" in extra else ""))
                 t_last, tok_last, step_last = now, self.tokens_seen, step
             if self.val_loader is not None and cfg.evaluation.val_every and step % cfg.evaluation.val_every == 0:
                 val = self.validate()
                 self.writer.scalars(step, val, prefix="val/")
-                self.log(f"step {step} val loss {val['loss']:.4f} ce {val['ce']:.4f} acc {val['acc']:.3f}")
+                self.log(f"step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if cfg.evaluation.sample_every and step % cfg.evaluation.sample_every == 0:
                 texts = self.text_samples()
                 for i, text in enumerate(texts):

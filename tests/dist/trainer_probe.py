@@ -82,6 +82,7 @@ def probe_inputs(cfg):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--objective", default="gaussian", choices=["gaussian", "masked", "ar"])
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
@@ -92,8 +93,10 @@ def main():
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
     cfg = config_from_dict({
+        "objective": args.objective,
         "model": {"vocab_size": 4096, "d_model": 64, "n_layers": 2, "d_embed": 16, "d_state": 16, "headdim": 16,
-                  "chunk_size": 16, "mixer_impl": "chunked"},
+                  "chunk_size": 16, "mixer_impl": "chunked", "mask_id": 4, "bidirectional": args.objective != "ar"},
+        "masked": {"cond_dropout": 0.25},
         "diffusion": {"num_steps": 100},
         "sampling": {"steps": 4},
         "data": {"seq_len": SEQ},
@@ -139,13 +142,16 @@ def main():
         trainer.save()
         if info.rank == 0:
             shutil.copyfile(ROOT / "data_prep" / "tokenizer" / "tokenizer.model", Path(args.run_dir) / "tokenizer.model")
-        x, t, clean = probe_inputs(cfg)
         with torch.no_grad():
-            x0_hat = trainer.model(x, t, clean)
-            logits = trainer.model.logits(x0_hat)
+            if args.objective == "gaussian":
+                x, t, clean = probe_inputs(cfg)
+                x0_hat = trainer.model(x, t, clean)
+                outputs = {"x0_hat": x0_hat, "logits": trainer.model.logits(x0_hat)}
+            else:
+                outputs = {"logits": trainer.model(rows[:2])}
         if info.rank == 0:
             from safetensors.torch import save_file
-            save_file({"x0_hat": x0_hat, "logits": logits}, str(Path(args.run_dir) / "engine_outputs.safetensors"))
+            save_file(outputs, str(Path(args.run_dir) / "engine_outputs.safetensors"))
     if info.rank == 0:
         Path(args.out).write_text(json.dumps(report))
 

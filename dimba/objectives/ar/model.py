@@ -2,7 +2,7 @@
 
     tokens -> Embedding -> DimbaBlock (causal, unconditioned) x n_layers -> RMSNorm -> tied lm head -> logits
 
-Same `DimbaBlock`, same mixer and the same config fields as DIMBA (`model.kind: "ar"`, `bidirectional: false`),
+Same `DimbaBlock`, same mixer and the same config fields as DIMBA (`objective: "ar"`, `bidirectional: false`),
 so at equal d_model and n_layers the backbone is identical; the AR twin has no diffusion input/output projections,
 no conditioning and, being causal, one mixer per block. `generate` decodes recurrently with constant memory
 (`Mamba2.step`), after reading the prompt with one parallel forward pass per layer.
@@ -13,20 +13,21 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dimba.config.schema import ModelConfig, SamplingConfig
 from dimba.model.block import DimbaBlock
 from dimba.model.conditioning import RMSNorm
+from dimba.model.embedding import TiedEmbedding
+from dimba.objectives.sampling import pick_tokens
 
 
 class ARModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.kind != "ar" or cfg.bidirectional:
-            raise ValueError("ARModel needs model.kind 'ar' and model.bidirectional false")
+        if cfg.bidirectional:
+            raise ValueError("ARModel needs model.bidirectional false (it predicts the next token)")
         self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embedding = TiedEmbedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embedding.weight, std=0.02)
         self.blocks = nn.ModuleList(DimbaBlock(cfg, i, conditioned=False) for i in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -36,7 +37,7 @@ class ARModel(nn.Module):
         h = self.norm_f(h)
         if self.lm_head is not None:
             return self.lm_head(h).float()
-        return F.linear(h, self.embedding.weight).float()
+        return self.embedding(hidden=h).float()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) -> logits (B, L, V) in float32; position i predicts token i + 1."""
@@ -50,7 +51,6 @@ class ARModel(nn.Module):
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Continue `prompt` (B, P >= 1) by `length` tokens, token by token with recurrent state: (B, P + length).
         Uses cfg.temperature / top_k / top_p / greedy exactly like the diffusion sampler's final step."""
-        from dimba.diffusion.sampling import pick_tokens
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         if prompt.dim() != 2 or prompt.size(1) < 1:
             raise ValueError("prompt must be (batch, length >= 1); use the BOS id for an empty prompt")
@@ -76,16 +76,3 @@ class ARModel(nn.Module):
             caches[j] = (conv, ssm)
             h = h + y
         return self._head(h)
-
-
-def ar_loss(model: ARModel, tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross-entropy over non-pad targets; terms mirror the diffusion objective's (mse is 0)."""
-    logits = model(tokens[:, :-1])
-    target = tokens[:, 1:]
-    scored = (target != pad_id).float()
-    n = scored.sum().clamp_min(1.0)
-    ce = (F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * scored).sum() / n
-    with torch.no_grad():
-        acc = ((logits.argmax(-1) == target).float() * scored).sum() / n
-    zero = torch.zeros((), device=tokens.device)
-    return ce, {"loss": ce.detach(), "mse": zero, "ce": ce.detach(), "acc": acc, "tokens": scored.sum()}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dimba.config.schema import DiffusionConfig
-from dimba.diffusion.objective import denoise, noised_input
-from dimba.diffusion.schedule import NoiseSchedule
+from dimba.objectives.gaussian.loss import denoise, noised_input
+from dimba.objectives.gaussian.schedule import NoiseSchedule
 
 
 @torch.no_grad()

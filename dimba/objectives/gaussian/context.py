@@ -23,9 +23,9 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dimba.diffusion.objective import denoise
-from dimba.diffusion.schedule import NoiseSchedule, bayes_logits
-from dimba.evaluation.likelihood import t_of_log_snr
+from dimba.objectives.gaussian.loss import denoise
+from dimba.objectives.gaussian.schedule import NoiseSchedule, bayes_logits
+from dimba.objectives.gaussian.likelihood import t_of_log_snr
 
 LOG_SNRS = (-6.0, -4.0, -3.0, -2.0, -1.0, 0.0)    # the band where a token goes from hidden to readable (d_embed 64)
 

@@ -1,9 +1,8 @@
 """The DIMBA denoiser: noisy token embeddings in, estimate of the clean embeddings (x0) out.
 
-    tokens --TokenEmbedding--> x0 (L2-normalised, norm sqrt(d_embed): unit variance per coordinate; or free rows)
+    tokens --TokenEmbedding--> x0 (L2-normalised, norm sqrt(d_embed): unit variance per coordinate)
     x_t = noised x0 (clean positions keep x0), self_cond = previous x0 estimate (or 0)
-    post = E[e_w | x_t] under the prior, token by token (posterior_input; clean positions: x0)
-    h = in_proj([x_t, self_cond, post]) + clean_embedding * clean
+    h = in_proj([x_t, self_cond]) + clean_embedding * clean
     c = TimestepEmbedding(t) + PromptEncoder(x0 at clean positions)
     h = DimbaBlock(h, c) x n_layers  (bidirectional Mamba-2, FiLM/additive modulation)
     x0_head "linear":   x0_hat = out_proj(norm(h));  logits = x0_hat . table^T (tied) or lm_head(x0_hat)
@@ -21,17 +20,11 @@ a learned per-token bias `prior` (V,) (training starts it at the train split's u
 `init_prior`) and a learned positive scale exp(s(t)) of the time embedding (s starts at -4, nearly off). A tied
 head on normalised embeddings cannot state a unigram prior by itself, and without the skip the network must
 rebuild a token from its own noisy vector at every noise level; with both, the network's logits are a correction
-for what the context adds (dimba/evaluation/context.py measures exactly that).
+for what the context adds (dimba/objectives/gaussian/context.py measures exactly that).
 
-`posterior_input` feeds the network the same context-free posterior, as its mean embedding: a noisy vector is
-read into "which tokens could this be" by a softmax over the table, a nonlinearity the in_proj -> Mamba stack would
-otherwise have to learn from data before it can use a neighbour at mid noise. It needs the noise schedule (alpha_bar
-of t), which the model is built with (`build_model(cfg.model, schedule)`); the prior is the posterior head's (and model.logit_prior's).
-
-The table's rows are L2-normalised (model.embed_norm "l2"), which rules out the collapse free embeddings risk
-under the x0-MSE objective (rows shrinking towards each other make the MSE trivially small: Diffusion-LM /
-DiffuSeq). With free rows (model.embed_norm "none") the CE anchor on the logits alone holds them: measured at 3.28 M
-tokens, their norms stay at 7.85 +- 0.55 (sqrt(64) = 8) and grow with token frequency (benchmarks/levers.md).
+The table's rows are L2-normalised, which rules out the collapse free embeddings risk under the x0-MSE objective
+(rows shrinking towards each other make the MSE trivially small: Diffusion-LM / DiffuSeq). Options measured and not
+shipped (free rows, a logit prior, a posterior-mean input) are in benchmarks/levers.md.
 """
 from __future__ import annotations
 
@@ -42,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dimba.config.schema import ModelConfig
-from dimba.diffusion.schedule import NoiseSchedule, bayes_logits
 from dimba.model.block import DimbaBlock
 from dimba.model.conditioning import PromptEncoder, RMSNorm, TimestepEmbedding
 
@@ -51,17 +43,15 @@ class TokenEmbedding(nn.Module):
     """Token table used both ways. Everything that reads the table goes through `forward`, so that ZeRO-3 (which
     gathers a module's partitioned parameters only around its forward) sees every use."""
 
-    def __init__(self, vocab_size: int, d_embed: int, pad_id: int, normalize: bool = True):
+    def __init__(self, vocab_size: int, d_embed: int, pad_id: int):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(vocab_size, d_embed))     # rows start near norm sqrt(d_embed)
         self.pad_id = pad_id
-        self.normalize = normalize
         self.scale = math.sqrt(d_embed)
 
     def table(self) -> torch.Tensor:
-        """Every row L2-normalised to norm sqrt(d_embed) (unit variance per coordinate, the noise's scale), or the
-        free rows (model.embed_norm "none")."""
-        return F.normalize(self.weight, dim=-1) * self.scale if self.normalize else self.weight
+        """Every row L2-normalised to norm sqrt(d_embed) (unit variance per coordinate, the noise's scale)."""
+        return F.normalize(self.weight, dim=-1) * self.scale
 
     def forward(self, tokens: torch.Tensor | None = None, x: torch.Tensor | None = None,
                 probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,15 +67,12 @@ class TokenEmbedding(nn.Module):
 
 
 class DimbaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, schedule: NoiseSchedule | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.kind != "dimba":
-            raise ValueError(f"DimbaModel needs model.kind 'dimba', got {cfg.kind!r}")
         self.cfg = cfg
-        self.schedule = schedule        # alpha_bar(t) for posterior_input (a plain object, not in the state dict)
         d, de, dc = cfg.d_model, cfg.d_embed, cfg.cond_dim
-        self.token_embedding = TokenEmbedding(cfg.vocab_size, de, cfg.pad_id, normalize=cfg.embed_norm == "l2")
-        self.in_proj = nn.Linear(de * (1 + int(cfg.self_condition) + int(cfg.posterior_input)), d)
+        self.token_embedding = TokenEmbedding(cfg.vocab_size, de, cfg.pad_id)
+        self.in_proj = nn.Linear(de * (1 + int(cfg.self_condition)), d)
         self.clean_embedding = nn.Parameter(torch.zeros(d))
         self.time_embedding = TimestepEmbedding(dc)
         self.prompt_encoder = PromptEncoder(de, dc)
@@ -102,8 +89,8 @@ class DimbaModel(nn.Module):
 
     @property
     def has_prior(self) -> bool:
-        """Whether the model holds a learned per-token prior (posterior head, posterior input or logit prior)."""
-        return self.cfg.x0_head == "posterior" or self.cfg.posterior_input or self.cfg.logit_prior
+        """Whether the model holds a learned per-token prior (the posterior head)."""
+        return self.cfg.x0_head == "posterior"
 
     @torch.no_grad()
     def init_prior(self, log_probs) -> None:
@@ -111,23 +98,12 @@ class DimbaModel(nn.Module):
         as padding, become -30): Adam moves a bias by about lr per step, far too slowly to learn a prior spanning
         ~15 nats from zero, and a wrong prior costs every noise level (the context diagnostic shows it)."""
         if not self.has_prior:
-            raise ValueError("init_prior needs a learned prior: model.x0_head 'posterior', model.posterior_input "
-                             "or model.logit_prior")
+            raise ValueError("init_prior needs a learned prior: model.x0_head 'posterior'")
         log_p = torch.as_tensor(log_probs, dtype=torch.float64).clamp_min(-30.0)
         if log_p.shape != self.prior.shape:
             raise ValueError(f"init_prior: {tuple(log_p.shape)} log-probabilities for a vocabulary of "
                              f"{self.prior.numel()}")
         self.prior.copy_(log_p.to(self.prior))
-
-    def posterior_mean(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-        """E[e_w | x_t] (B, L, d_embed) float32, token by token under the learned prior (the table's rows share one
-        norm, so bayes_logits needs no |e_w|^2 term); clean positions keep x_t."""
-        if self.schedule is None:
-            raise RuntimeError("model.posterior_input needs the noise schedule: build the model with "
-                               "build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))")
-        logits = bayes_logits(self.token_embedding(x=x_t.float()), self.schedule.alpha_bar(t.float()), self.prior)
-        post = self.token_embedding(probs=logits.softmax(-1))
-        return torch.where(clean.unsqueeze(-1), x_t.float(), post)
 
     @property
     def self_condition(self) -> bool:
@@ -138,12 +114,10 @@ class DimbaModel(nn.Module):
         return self.token_embedding(tokens=tokens).float()
 
     def logits(self, x0_hat: torch.Tensor) -> torch.Tensor:
-        """Logits (B, L, V) of an x0 estimate, in float32 (plus the learned prior with model.logit_prior)."""
+        """Logits (B, L, V) of an x0 estimate, in float32."""
         if self.lm_head is not None:
-            logits = self.lm_head(x0_hat.to(self.lm_head.weight.dtype)).float()
-        else:
-            logits = self.token_embedding(x=x0_hat).float()
-        return logits + self.prior.float() if self.cfg.logit_prior else logits
+            return self.lm_head(x0_hat.to(self.lm_head.weight.dtype)).float()
+        return self.token_embedding(x=x0_hat).float()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor,
                 self_cond: torch.Tensor | None = None, with_logits: bool = False, x0_temperature: float = 1.0):
@@ -155,8 +129,6 @@ class DimbaModel(nn.Module):
         parts = [x_t]
         if self.cfg.self_condition:
             parts.append(torch.zeros_like(x_t) if self_cond is None else self_cond)
-        if self.cfg.posterior_input:
-            parts.append(self.posterior_mean(x_t, t, clean))
         h = self.in_proj(torch.cat(parts, dim=-1).to(dtype))
         h = h + clean.unsqueeze(-1).to(dtype) * self.clean_embedding
         c_time = self.time_embedding(t)
@@ -170,8 +142,6 @@ class DimbaModel(nn.Module):
                                  "states x0_hat directly); leave it at 1")
             return (out, self.logits(out)) if with_logits else out
         logits = self.token_embedding(x=out)
-        if self.cfg.logit_prior:
-            logits = logits + self.prior.float()
         if self.cfg.x0_head == "posterior":
             scale = self.skip_scale(c_time).float().clamp_max(30.0).exp().view(-1, 1, 1)
             logits = logits + self.token_embedding(x=scale * x_t.float()) + self.prior.float()

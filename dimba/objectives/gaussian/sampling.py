@@ -20,47 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from dimba.config.schema import SamplingConfig
-from dimba.diffusion.schedule import NoiseSchedule, timestep_grid
-
-
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then keep the top_k largest (0: all), then the smallest set whose probability reaches top_p
-    (the most likely token is always kept). Removed entries become -inf."""
-    logits = logits / temperature
-    if top_k > 0 and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None,
-                uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Final logits (B, L, V) -> tokens (B, L): argmax when `greedy`, else a draw from the filtered softmax.
-
-    The draw runs where the logits are (a GPU does not ship B x L x V probabilities to the host): inverse-CDF
-    sampling with one uniform per position, `uniforms` (B, L) or drawn here from the CPU `generator`, so a seed
-    gives the same tokens on any device (up to the rounding of the cumulative sums)."""
-    if cfg.greedy:
-        return logits.argmax(-1)
-    if uniforms is None:
-        if generator is None:
-            raise ValueError("pick_tokens needs a generator or uniforms to draw from")
-        uniforms = torch.rand(logits.shape[:-1], generator=generator, dtype=torch.float64)
-    probs = filter_logits(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-    cdf = probs.cumsum(-1)
-    total = cdf[..., -1:]
-    # first index whose cdf exceeds u * total: a zero-probability token spans an empty interval and never comes
-    # out; the target is kept below the total, which rounding of u * total could otherwise reach
-    target = torch.minimum(uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * total,
-                           torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+from dimba.objectives.gaussian.schedule import NoiseSchedule, timestep_grid
+from dimba.objectives.sampling import pick_tokens
 
 
 def ddim_update(x: torch.Tensor, x0_hat: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor, eta: float = 0.0,
@@ -84,6 +45,7 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
     trajectory, exactly as in an unconditional run); the update uses x0_u + s * (x0_c - x0_u). s = 1 skips the
     unconditional half (the plain conditional sampler), s = 0 reproduces the unconditional sampler's draws."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    sampler = cfg.sampler or "ddim"                         # "": the objective's default
     dt = torch.float64 if cfg.precision == "float64" else torch.float32
     d = model.cfg.d_embed
     if clean is None:
@@ -127,10 +89,10 @@ def sample(model, schedule: NoiseSchedule, cfg: SamplingConfig, batch_size: int,
         # fresh noise only where the update adds some (DDIM with eta 0 is deterministic): on a GPU each draw is
         # a host-side randn of B x L x d values and a copy
         z = (torch.randn(batch_size, length, d, generator=generator, dtype=dt).to(device)
-             if cfg.sampler == "ddpm" or cfg.eta > 0 else 0.0)
-        if cfg.sampler == "ddim":
+             if sampler == "ddpm" or cfg.eta > 0 else 0.0)
+        if sampler == "ddim":
             x = ddim_update(x, x0_hat, ab_t, ab_s, cfg.eta, z)
-        elif cfg.sampler == "ddpm":
+        elif sampler == "ddpm":
             a_ts = ab_t / ab_s                                   # alpha from s to t
             coef_x0 = ab_s.sqrt() * (1 - a_ts) / (1 - ab_t)
             coef_xt = a_ts.sqrt() * (1 - ab_s) / (1 - ab_t)

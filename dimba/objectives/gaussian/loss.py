@@ -11,8 +11,7 @@ sample loses its conditioning (no clean positions: every token is noised and sco
 unconditional branch used by classifier-free guidance.
 
 The randomness (t, eps, the self-conditioning and dropout coin flips) comes from `draw_noise`, one generator per
-sample, so a sample's noise depends only on its own seed: the same global batch gets the same noise however it
-is split over ranks, and a resumed run redraws exactly what an uninterrupted one would.
+sample seeded by the trainer's Draw (dimba/objectives/base.py), so a sample's noise depends only on its own seed.
 """
 from __future__ import annotations
 
@@ -22,10 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dimba.config.schema import DiffusionConfig
-from dimba.diffusion.schedule import NoiseSchedule
-
-
-PER_SAMPLE_TERMS = ("t", "ce_sum", "n")   # diffusion_loss terms of shape (B,), not scalars to average
+from dimba.objectives.gaussian.schedule import NoiseSchedule
 
 
 @dataclass
@@ -34,14 +30,6 @@ class NoiseDraw:
     noise: torch.Tensor        # (B, L, d_embed) float32
     self_cond: torch.Tensor    # (B,) bool
     drop_cond: torch.Tensor    # (B,) bool
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """A 63-bit seed for global sample `index` of optimizer step `step` (splitmix64-style mixing)."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) & (2**63 - 1)
 
 
 def draw_noise(cfg: DiffusionConfig, seeds: list[int], seq_len: int, d_embed: int,

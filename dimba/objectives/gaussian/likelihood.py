@@ -1,4 +1,4 @@
-"""Likelihood of held-out tokens: a variational upper bound on DIMBA's NLL, and the AR twin's exact NLL.
+"""Likelihood of held-out tokens under the Gaussian objective: a variational upper bound on the NLL.
 
 DIMBA (continuous-time VLB of Kingma et al. 2021, "Variational Diffusion Models", eq. 17 and appendix):
 for a sequence w with clean embeddings x0 = embed(w), SNR(t) = alpha_bar / (1 - alpha_bar) and any t0 in (0, 1],
@@ -34,22 +34,20 @@ calibration half of the sequences (even index) and the bound is reported on the 
 reported number is not biased down by the selection. The bound at t0 = diffusion.t_min on all sequences is
 reported too, unselected, and so is the diffusion term by band of log-SNR between neighbouring candidates (where
 along the noise levels the bound's nats are spent).
-
-AR twin: exact NLL = mean next-token cross-entropy over the val tokens (the first token of each sequence has
-no context and is not scored).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from dimba.diffusion.objective import denoise
-from dimba.diffusion.schedule import NoiseSchedule
+from dimba.objectives.gaussian.loss import denoise
+from dimba.objectives.gaussian.schedule import NoiseSchedule
 from dimba.evaluation.errors import EvalError
+from dimba.objectives.nll import ppl
 
 LOG_SNR_TAIL = -10.0          # below: one uniform draw in SNR space (the integrand there is < 5e-5 * d_embed)
 LOG_SNR_TOP_MAX = 15.0        # cap on lambda(t_min) when t_min = 0 (SNR infinite)
@@ -162,10 +160,6 @@ def _bound(s: _Sums, rows: list[int], k: int, e: int) -> dict:
             "stderr_nats": se, "tokens": int(n), "sequences": len(rows)}
 
 
-def _ppl(nats: float) -> Optional[float]:
-    return math.exp(nats) if nats < 700 else None
-
-
 def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: int, t_min: float,
                t_samples: int = 32, seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """The NLL upper bound per token on `batches` (dicts with tokens and clean (B, L)); see the module doc."""
@@ -229,7 +223,7 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
         "self_conditioning": bool(model.self_condition),
         **rep,
         "bits_per_token": rep["nll_nats_per_token"] / math.log(2),
-        "ppl_bound": _ppl(rep["nll_nats_per_token"]),
+        "ppl_bound": ppl(rep["nll_nats_per_token"]),
         "t0": {"log_snr": cands[best], "t": by_t0[best]["t0"], "selected_on_sequences": len(calib)},
         "x0_estimate": X0_ESTIMATES[est],
         "by_estimator": by_estimator,
@@ -240,47 +234,3 @@ def elbo_bound(model, schedule: NoiseSchedule, batches: Iterable[dict], pad_id: 
         "by_t0": by_t0,
         "diffusion_by_log_snr": bands,   # all sequences; the reported bound sums the bands up to its t0
     }
-
-
-@torch.no_grad()
-def ar_exact_nll(model, batches: Iterable[dict], pad_id: int, device: torch.device | str = "cpu") -> dict:
-    """Mean next-token cross-entropy of the AR twin over the val tokens (exact NLL, not a bound)."""
-    total, count, per_seq = 0.0, 0, []
-    for batch in batches:
-        tokens = batch["tokens"].to(device)
-        logits = model(tokens[:, :-1])
-        target = tokens[:, 1:]
-        scored = (target != pad_id).float()
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * scored
-        total += float(ce.sum())
-        count += int(scored.sum())
-        per_seq += [float(c) / float(n) for c, n in zip(ce.sum(1), scored.sum(1)) if n > 0]
-    return _exact_row(total, count, per_seq, "mean next-token cross-entropy over the val tokens (first token of "
-                      "each sequence unscored)")
-
-
-def unigram_nll(log_probs, batches: Iterable[dict], pad_id: int) -> dict:
-    """Exact NLL of the best model that reads no context: each val token scored by its train-split unigram
-    log-probability (`dimba.data.shards.unigram_log_probs`). The yardstick a denoiser that ignores its context
-    meets: its bound cannot go below this by more than what its context earns."""
-    lp = torch.as_tensor(log_probs, dtype=torch.float64)
-    total, count, per_seq = 0.0, 0, []
-    for batch in batches:
-        tokens = batch["tokens"].cpu()
-        scored = tokens != pad_id
-        nll = torch.where(scored, -lp[tokens], 0.0)      # padding's log-probability is -inf
-        total += float(nll.sum())
-        count += int(scored.sum())
-        per_seq += [float(c) / float(n) for c, n in zip(nll.sum(1), scored.sum(1)) if n > 0]
-    return {**_exact_row(total, count, per_seq, "train-split unigram log-probabilities of the val tokens"),
-            "kind": "exact, no context"}
-
-
-def _exact_row(total: float, count: int, per_seq: list[float], estimator: str) -> dict:
-    if count == 0:
-        raise EvalError("no val tokens to score; use more --batches or a larger val split")
-    nll = total / count
-    m = sum(per_seq) / len(per_seq)
-    se = math.sqrt(sum((v - m) ** 2 for v in per_seq) / max(len(per_seq) - 1, 1) / len(per_seq))
-    return {"kind": "exact", "estimator": estimator, "nll_nats_per_token": nll, "bits_per_token": nll / math.log(2),
-            "ppl": _ppl(nll), "stderr_nats": se, "tokens": count, "sequences": len(per_seq)}

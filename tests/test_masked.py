@@ -1,0 +1,197 @@
+"""The masked objective (dimba/objectives/masked/) and the objective interface, without the engine: the forward
+process, SUBS, the NELBO and its bound, the samplers, the low-discrepancy draws, and the refusals."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dimba.config import config_from_dict
+from dimba.config.core import ConfigError
+from dimba.config.schema import SamplingConfig
+from dimba.objectives import OBJECTIVES, Request, build_model, get_objective, make_draw
+from dimba.objectives.masked.loss import draw_masks, subs_log_probs
+from dimba.objectives.masked.sampling import guided_log_probs, sample_masked
+
+V, MASK = 40, 4
+
+
+def make(**extra):
+    model = {"vocab_size": V, "d_model": 32, "n_layers": 1, "d_embed": 8, "d_state": 8, "headdim": 16,
+             "chunk_size": 8, "mixer_impl": "chunked", "mask_id": MASK, **extra.pop("model", {})}
+    return config_from_dict({"objective": "masked", "model": model, **extra})
+
+
+class Flat(nn.Module):
+    """A denoiser whose logits are all zero: p(x0 | x_t) uniform over the V - 1 tokens other than [MASK]; counts
+    its calls."""
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x_t, t=None):
+        self.calls += 1
+        return torch.zeros(*x_t.shape, V) + self.w
+
+
+class Copy(nn.Module):
+    """Puts all its mass on one fixed token sequence (`target`), whatever it reads."""
+    def __init__(self, target: torch.Tensor):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.target = target
+
+    def forward(self, x_t, t=None):
+        logits = torch.full((*x_t.shape, V), -30.0)
+        return logits.scatter(-1, self.target.expand(x_t.shape[0], -1).unsqueeze(-1), 30.0) + self.w
+
+
+def test_the_table_names_every_objective_and_each_builds():
+    assert set(OBJECTIVES) == {"gaussian", "masked", "ar"}
+    for name in OBJECTIVES:
+        cfg = config_from_dict({"objective": name, "model": {"vocab_size": V, "d_model": 32, "n_layers": 1,
+                                                              "d_state": 8, "headdim": 16, "mask_id": MASK,
+                                                              "bidirectional": name != "ar"}})
+        obj = get_objective(cfg)
+        assert obj.name == name and obj.samplers and obj.flops_per_token() > 0
+        build_model(cfg)
+
+
+def test_draws_are_low_discrepancy_over_the_global_batch_and_split_invariant():
+    whole = make_draw(7, 0, 8, 8)
+    halves = [make_draw(7, 0, 4, 8), make_draw(7, 4, 4, 8)]
+    assert whole.seeds == halves[0].seeds + halves[1].seeds
+    assert torch.equal(whole.u, torch.cat([h.u for h in halves]))
+    gaps = whole.u.sort().values.diff()
+    torch.testing.assert_close(gaps, torch.full((7,), 1 / 8, dtype=torch.float64))
+    assert not torch.equal(make_draw(7, 8, 8, 8).u, whole.u)         # the next step has its own offset
+
+
+def test_masks_never_touch_clean_or_padding_and_follow_t():
+    tokens = torch.randint(5, V, (64, 50))
+    tokens[:, -5:] = 0                                               # padding
+    clean = torch.zeros_like(tokens, dtype=torch.bool)
+    clean[:, :10] = True
+    scorable = ~clean & (tokens != 0)
+    draw = make_draw(0, 0, 64, 64)
+    m = draw_masks(draw.seeds, draw.u, scorable, clean, t_eps=1e-3, cond_dropout=0.0)
+    assert not (m.masked & ~scorable).any()
+    frac = m.masked.float().sum(1) / scorable.float().sum(1)
+    assert (frac - m.t).abs().mean() < 0.06                          # each token masked with probability t
+    again = draw_masks(draw.seeds, draw.u, scorable, clean, t_eps=1e-3, cond_dropout=0.0)
+    assert torch.equal(m.masked, again.masked)
+    dropped = draw_masks(draw.seeds, draw.u, scorable, clean, t_eps=1e-3, cond_dropout=0.999)
+    assert dropped.drop_cond.all() and dropped.masked[:, :10].any()   # dropped conditioning: prompts are noised
+
+
+def test_subs_never_predicts_the_mask():
+    lp = subs_log_probs(torch.randn(2, 3, V), MASK)
+    assert torch.isinf(lp[..., MASK]).all() and torch.allclose(lp.exp().sum(-1), torch.ones(2, 3))
+
+
+def test_loss_of_a_flat_model_is_log_v_minus_one_on_average():
+    """E_t[(1/t) * #masked * log(V - 1)] / L = log(V - 1): the NELBO of a model that knows nothing, exactly."""
+    obj = get_objective(make())
+    model = Flat()
+    tokens = torch.randint(5, V, (256, 64))
+    batch = {"tokens": tokens, "clean": torch.zeros_like(tokens, dtype=torch.bool)}
+    r = obj.loss(model, batch, make_draw(0, 0, 256, 256))
+    assert r.loss.item() == pytest.approx(math.log(V - 1), rel=0.05)
+    assert r.metrics["ce"].item() == pytest.approx(math.log(V - 1), rel=1e-5)
+    assert set(r.metrics) == {"loss", "ce", "acc", "mask_frac"} and r.per_sample["nelbo_sum"].shape == (256,)
+    r.loss.backward()                                                 # differentiable through the model
+
+
+def test_held_out_bound_is_unbiased_with_its_standard_error():
+    obj = get_objective(make())
+    tokens = torch.randint(5, V, (32, 64))
+    batches = [{"tokens": tokens[i:i + 8], "clean": torch.zeros(8, 64, dtype=torch.bool)} for i in range(0, 32, 8)]
+    r = obj.likelihood(Flat(), batches, t_samples=16, seed=0)
+    assert r["kind"] == "nelbo_upper_bound" and r["tokens"] == 32 * 64 and r["sequences"] == 32
+    assert abs(r["nll_nats_per_token"] - math.log(V - 1)) < 4 * r["stderr_nats"] + 0.02
+    exact = obj.likelihood(Copy(tokens[0]), batches[:1], t_samples=4, seed=0)    # certain of sequence 0 only
+    assert exact["nll_nats_per_token"] > 0
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+def test_samplers_keep_clean_tokens_and_never_emit_the_mask(sampler):
+    obj = get_objective(make())
+    model = Flat()
+    tokens = torch.randint(5, V, (3, 20))
+    clean = torch.zeros_like(tokens, dtype=torch.bool)
+    clean[:, :4] = True
+    clean[:, -3:] = True
+    cfg = SamplingConfig(sampler=sampler, steps=8, top_p=1.0)
+    out = obj.sample_frame(model, tokens, clean, cfg, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(out[clean], tokens[clean]) and not (out == MASK).any()
+    again = obj.sample_frame(model, tokens, clean, cfg, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(out, again)                                    # one seed, one text
+    copy = obj.sample_frame(Copy(tokens[0]), tokens[:1], clean[:1], cfg, torch.Generator().manual_seed(1), "cpu")
+    assert torch.equal(copy, tokens[:1])                              # a certain model writes its tokens
+
+
+def test_ancestral_sampler_skips_the_model_when_nothing_changed():
+    """Without time conditioning a step that reveals nothing repeats the last call: MDLM's caching. With many more
+    steps than tokens most steps reveal nothing."""
+    model = Flat()
+    x = torch.zeros(1, 6, dtype=torch.long)
+    sample_masked(model, x, torch.zeros_like(x, dtype=torch.bool), SamplingConfig(sampler="ancestral", steps=200),
+                  MASK, False, torch.Generator().manual_seed(0))
+    assert model.calls <= 7
+    timed = Flat()
+    sample_masked(timed, x, torch.zeros_like(x, dtype=torch.bool), SamplingConfig(sampler="ancestral", steps=50),
+                  MASK, True, torch.Generator().manual_seed(0))
+    assert timed.calls == 50                                          # t changes every step: no cache
+
+
+def test_confidence_sampler_reveals_block_by_block():
+    """Semi-autoregressive: with blocks of 4 and 2 steps per block, after the first two calls only the first block
+    is revealed."""
+    seen = []
+
+    class Spy(Flat):
+        def forward(self, x_t, t=None):
+            seen.append(x_t.clone())
+            return super().forward(x_t, t)
+
+    x = torch.zeros(1, 12, dtype=torch.long)
+    out = sample_masked(Spy(), x, torch.zeros_like(x, dtype=torch.bool),
+                        SamplingConfig(sampler="confidence", steps=6, block_length=4), MASK, False,
+                        torch.Generator().manual_seed(0))
+    assert len(seen) == 6 and not (out == MASK).any()
+    after_block_1 = seen[2][0]                                        # the input of the first call of block 2
+    assert (after_block_1[:4] != MASK).all() and (after_block_1[4:] == MASK).all()
+
+
+def test_guidance_zero_is_the_unconditional_model():
+    torch.manual_seed(0)
+    cfg = make()
+    model = build_model(cfg).eval()
+    x = torch.randint(5, V, (2, 10))
+    clean = torch.zeros_like(x, dtype=torch.bool)
+    clean[:, :3] = True
+    x = torch.where(clean, x, torch.full_like(x, MASK))
+    u = guided_log_probs(model, x, clean, 1.0, MASK, 0.0, False)
+    x_u = torch.where(clean, torch.full_like(x, MASK), x)
+    torch.testing.assert_close(u, subs_log_probs(model(x_u), MASK).double().log_softmax(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_fills_requests_of_prompts_and_frames():
+    torch.manual_seed(0)
+    cfg = make()
+    obj = get_objective(cfg)
+    model = build_model(cfg).eval()
+    reqs = [Request([7, 8, 9], 5), Request([7], 3, [10, 11])]
+    for r in reqs:
+        out = obj.generate(model, [r], cfg.sampling, torch.Generator().manual_seed(0), "cpu")
+        assert len(out[0]) == r.middle_length and MASK not in out[0]
+
+
+def test_refusals_name_what_to_do():
+    with pytest.raises(ConfigError, match="needs a \\[MASK\\] id"):
+        build_model(make(model={"mask_id": -1}))
+    with pytest.raises(ConfigError, match="does not belong to the masked objective"):
+        get_objective(make()).sampling(SamplingConfig(sampler="ddim"))
+    with pytest.raises(ConfigError, match="does not belong to objective 'masked'"):
+        make(sampling={"sampler": "ddpm"})
