@@ -168,7 +168,8 @@ def _hashes(run_dir: Path) -> dict[str, str]:
 def test_a_restart_with_another_tokenizer_is_refused_and_changes_nothing(bundled_shards, tmp_path):
     """Another 4096-piece tokenizer (one piece's score changed: same size, other sha256) is refused against the
     shards' manifest, and, with shards of its own, against the run directory; a restart on another world size is
-    refused too. Each names both files in one line, and the run directory stays byte-identical."""
+    refused too. Each names both files in one line, and the run directory stays byte-identical. tools/convert.py
+    refuses a run whose tokenizer.model was swapped for it."""
     import sentencepiece.sentencepiece_model_pb2 as pb
     bundled_tok = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
     proto = pb.ModelProto()
@@ -202,6 +203,15 @@ def test_a_restart_with_another_tokenizer_is_refused_and_changes_nothing(bundled
         assert proc.returncode == code and len(lines) == 1, proc.stderr[-3000:]
         assert all(n in lines[0] for n in names), lines[0]
         assert _hashes(run_dir) == before, overrides
+    # convert (and eval, through the same loader) checks the run's tokenizer against its checkpoint's record
+    copy = tmp_path / "swapped"
+    shutil.copytree(run_dir, copy)
+    shutil.copyfile(other, copy / "tokenizer.model")
+    proc = subprocess.run([sys.executable, "tools/convert.py", str(copy), "--output", str(tmp_path / "m")], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert str(copy / "tokenizer.model") in lines[0] and "state.json" in lines[0], lines[0]
 
 
 def test_a_heartbeat_older_than_its_intervals_is_stale(tmp_path):
