@@ -96,7 +96,7 @@ def _check_tokenizer_sha(path: Path, made_with: Optional[str], what: str) -> Non
     sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if made_with and made_with != sha:
         raise ModelLoadError(f"tokenizer {path} (sha256 {sha[:12]}) is not the one the model was trained with "
-                             f"({what} records sha256 {made_with[:12]}); put the run's tokenizer.model back")
+                             f"({what} records sha256 {made_with[:12]}); use the tokenizer.model the model was trained with")
 
 
 def convert_checkpoint(src: Path, out_dir: Path, weights: str = "ema", dtype: str = "fp32") -> Path:
@@ -170,8 +170,6 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
         step = int(meta.get("step", 0))
         state = load_file(str(path / MODEL_FILE))
         tok_path, source, run_dir = path / TOKENIZER_FILE, str(path / MODEL_FILE), None
-        if tok_path.is_file():
-            _check_tokenizer_sha(tok_path, meta.get("tokenizer_sha256"), str(path / MODEL_FILE))
     else:
         ckpt = resolve_checkpoint(path)
         cfg, step = checkpoint_config(ckpt)
@@ -185,6 +183,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ModelLoadError(f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model was trained with "
                              f"model.vocab_size={cfg.model.vocab_size}; use the tokenizer the model was trained with")
+    if run_dir is None:      # a converted folder (a checkpoint's tokenizer was checked by find_tokenizer)
+        _check_tokenizer_sha(tok_path, meta.get("tokenizer_sha256"), str(path / MODEL_FILE))
     model = build_model(cfg.model, NoiseSchedule.from_config(cfg.diffusion))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device).eval()
