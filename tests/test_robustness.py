@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dimba.training.checkpoint import latest_checkpoint
+from dimba.training.distributed import free_port
 from dimba.training.status import STALE_MIN_S, read_status, write_status
 from tests.launch import ROOT, deepspeed_cmd, env
 from tests.test_training import TINY
@@ -90,16 +91,27 @@ class Probe:
         return "".join(self.lines)
 
 
-def test_a_full_disk_on_rank_0_mid_save_ends_every_rank(bundled_shards, tmp_path):
+def launcher_cmd(launcher: str, args: list[str]) -> list[str]:
+    if launcher == "deepspeed":
+        return deepspeed_cmd("launch/train.py", args)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "launch/train.py", *args]
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_full_disk_on_rank_0_mid_save_ends_every_rank(launcher, bundled_shards, tmp_path):
     """Rank 0 cannot write state.json (ENOSPC) while rank 1 waits at the save's barrier: rank 0 prints its one
     line and exits, rank 1 sees the broken connection and exits, the launcher returns non-zero."""
     run_dir = tmp_path / "r"
-    probe = Probe(deepspeed_cmd("launch/train.py", train_args(run_dir, bundled_shards)), DIMBA_TEST_ENOSPC="state.json")
+    probe = Probe(launcher_cmd(launcher, train_args(run_dir, bundled_shards)), DIMBA_TEST_ENOSPC="state.json")
     t0 = probe.wait_for("[dimba] step 2 loss")
     took = probe.end(t0)
-    print(f"full disk: every process gone {took:.1f} s after step 2 was logged")
+    print(f"full disk under {launcher}: every process gone {took:.1f} s after step 2 was logged")
     assert probe.proc.returncode != 0
-    assert "error: rank 0: OSError: [Errno 28] No space left on device" in probe.output, probe.output[-3000:]
+    errors = [line for line in probe.lines if line.startswith("error: rank")]
+    assert "error: rank 0: OSError: [Errno 28] No space left on device" in errors[0], probe.output[-3000:]
+    assert errors[1].startswith("error: rank 1: RuntimeError: another rank ended first") and len(errors) == 2, errors
+    assert not [line for line in probe.lines if "/dimba/" in line and "File" in line], probe.output[-3000:]  # no traceback
     status = read_status(run_dir)
     assert status["state"] == "failed" and "No space left on device" in status["message"], status
     assert latest_checkpoint(run_dir / "checkpoints") is None

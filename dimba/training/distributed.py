@@ -142,6 +142,12 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(text.split()) or '(no message)'}"
 
 
+def peer_lost(e: BaseException) -> bool:
+    """The error of a rank whose peer ended first (gloo's broken connection), not a cause of its own."""
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("Connection closed by peer",
+                                                                     "Connection reset by peer"))
+
+
 def exit_on_error(e: BaseException, rank: int, code: int = 1, show_traceback: bool = False) -> NoReturn:
     """Print the error's one line (after its traceback when show_traceback: a bug, not a bad input) and end this
     process now, without interpreter shutdown: the module docstring says why that ends every rank in seconds."""

@@ -63,7 +63,7 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 1
     from dimba.data.loader import TokenLoader
-    from dimba.training.distributed import exit_on_error, init_distributed, one_line
+    from dimba.training.distributed import exit_on_error, init_distributed, one_line, peer_lost
     from dimba.training.status import record_failure
     from dimba.training.trainer import Trainer, TrainingStopped
 
@@ -85,12 +85,15 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
         code = 1
     except BaseException as e:       # anything else, on any rank, at any point: end this process now
         rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
+        echo = peer_lost(e)
+        if echo:
+            e = RuntimeError(f"another rank ended first (its error is the cause): {one_line(e)}")
         try:
             record_failure(run_dir, f"rank {rank}: {one_line(e)}", started)
         except BaseException:   # e.g. the full disk itself: the error line still goes out
             pass
-        bad_input = isinstance(e, (ConfigError, DataError, OSError, KeyboardInterrupt))
-        exit_on_error(e, rank, 130 if isinstance(e, KeyboardInterrupt) else 1, show_traceback=not bad_input)
+        known = echo or isinstance(e, (ConfigError, DataError, OSError, KeyboardInterrupt))   # else a bug: traceback
+        exit_on_error(e, rank, 130 if isinstance(e, KeyboardInterrupt) else 1, show_traceback=not known)
     stop.release()
     for lo in loaders:
         lo.close()

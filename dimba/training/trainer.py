@@ -3,9 +3,9 @@
 One call of `Trainer.train_step` is one optimizer step of `gradient_accumulation_steps` micro-batches. A
 micro-batch whose loss is non-finite on any rank is dropped on every rank before its backward (so DeepSpeed's
 accumulation count stays consistent) and counted; `training.max_nonfinite` of them in a row stop the run after a
-save. SIGUSR1/SIGTERM set a flag; after each step the ranks agree on it in one collective and, if any rank was
-signalled, all of them save that step and exit 0 (a rank never saves or stops on its own flag: that would be a
-collective the others never join).
+save. SIGUSR1/SIGTERM/SIGINT set a flag; after each step the ranks agree on it in one collective and, if any rank
+was signalled, all of them save that step and exit (0; 130 for Ctrl-C) (a rank never saves or stops on its own
+flag: that would be a collective the others never join).
 """
 from __future__ import annotations
 
