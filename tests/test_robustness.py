@@ -136,16 +136,21 @@ def test_a_truncated_val_shard_ends_a_plain_python_run(bundled_shards, tmp_path)
     assert status["state"] == "failed" and "unreadable" in status["message"] and status["step"] == 5
 
 
-def test_ctrl_c_stops_saves_and_ends_every_process(bundled_shards, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C, under DeepSpeed's own launcher: the ranks
-    finish the step and save (the launcher SIGTERMs them too: the same stop), every process ends."""
+@pytest.mark.parametrize("launcher", ["deepspeed", "python"])
+def test_ctrl_c_stops_saves_and_ends_every_process(launcher, bundled_shards, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C, under DeepSpeed's own launcher (which SIGTERMs
+    the ranks too: the same stop) and in a plain python process: the ranks finish the step and save, the loader
+    workers ignore it, every process ends; plain python exits 130."""
     run_dir = tmp_path / "r"
-    probe = Probe(deepspeed_cmd("launch/train.py", train_args(run_dir, bundled_shards)))
+    args = train_args(run_dir, bundled_shards)
+    probe = Probe(deepspeed_cmd("launch/train.py", args) if launcher == "deepspeed"
+                  else [sys.executable, "launch/train.py", *args])
     t0 = probe.wait_for("[dimba] step 3 loss")
     os.killpg(probe.proc.pid, signal.SIGINT)
     took = probe.end(t0)
-    print(f"Ctrl-C: every process gone {took:.1f} s after SIGINT")
-    assert probe.proc.returncode != 0
+    print(f"Ctrl-C under {launcher}: every process gone {took:.1f} s after SIGINT")
+    assert probe.proc.returncode != 0, probe.output[-3000:]            # DeepSpeed's runner: KeyboardInterrupt
+    assert launcher != "python" or probe.proc.returncode == 130, probe.output[-3000:]
     status = read_status(run_dir)
     assert status["state"] == "interrupted" and status["message"] == "stopped by SIGINT", status
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{status['step']:08d}"
