@@ -117,6 +117,27 @@ def test_a_full_disk_on_rank_0_mid_save_ends_every_rank(launcher, bundled_shards
     assert latest_checkpoint(run_dir / "checkpoints") is None
 
 
+@pytest.mark.slow
+def test_a_stuck_rank_is_timed_out(bundled_shards, tmp_path):
+    """Rank 1 stops answering (SIGSTOP: alive, holding its sockets open): rank 0 gives up on the next collective
+    after DIMBA_COLLECTIVE_TIMEOUT_S and exits, and DeepSpeed's launcher ends rank 1 (SIGKILL, 30 s after its
+    SIGTERM, which a stopped process cannot act on)."""
+    import psutil
+    run_dir = tmp_path / "r"
+    probe = Probe(deepspeed_cmd("launch/train.py", train_args(run_dir, bundled_shards)), DIMBA_COLLECTIVE_TIMEOUT_S="5")
+    probe.wait_for("[dimba] step 3 loss")
+    ranks = [r for launch in psutil.Process(probe.proc.pid).children() for r in launch.children()]
+    os.kill(next(r.pid for r in ranks if "--local_rank=1" in r.cmdline()), signal.SIGSTOP)
+    t0 = time.time()
+    took = probe.end(t0, bound=BOUND_S + 30)
+    print(f"stuck rank: every process gone {took:.1f} s after SIGSTOP")
+    assert probe.proc.returncode != 0
+    errors = [line for line in probe.lines if line.startswith("error: rank")]
+    assert errors and errors[0].startswith("error: rank 0: RuntimeError: another rank did not join a collective "
+                                           "within 5 s"), probe.output[-3000:]
+    assert read_status(run_dir)["state"] == "failed"
+
+
 def test_a_truncated_val_shard_ends_a_plain_python_run(bundled_shards, tmp_path):
     """The only val shard is truncated: the first validation raises in the loader worker. Before, the process then
     hung at interpreter exit, joining the worker (which ignores SIGTERM) forever."""

@@ -142,10 +142,17 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(text.split()) or '(no message)'}"
 
 
-def peer_lost(e: BaseException) -> bool:
-    """The error of a rank whose peer ended first (gloo's broken connection), not a cause of its own."""
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in ("Connection closed by peer",
-                                                                     "Connection reset by peer"))
+def peer_lost(e: BaseException) -> str:
+    """Why a collective failed when the cause is another rank (gloo's broken connection: it ended first; gloo's
+    timeout: it is stuck), as the start of a one-line error; "" for an error of this rank's own."""
+    if not isinstance(e, RuntimeError):
+        return ""
+    if "Connection closed by peer" in str(e) or "Connection reset by peer" in str(e):
+        return "another rank ended first (its error is the cause)"
+    if "Timed out waiting" in str(e):
+        return (f"another rank did not join a collective within {collective_timeout_s():.0f} s (stuck, or on another "
+                "machine that died; DIMBA_COLLECTIVE_TIMEOUT_S sets the limit)")
+    return ""
 
 
 def exit_on_error(e: BaseException, rank: int, code: int = 1, show_traceback: bool = False) -> NoReturn:

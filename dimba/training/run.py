@@ -87,7 +87,7 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
         rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
         echo = peer_lost(e)
         if echo:
-            e = RuntimeError(f"another rank ended first (its error is the cause): {one_line(e)}")
+            e = RuntimeError(f"{echo}: {one_line(e)}")
         try:
             record_failure(run_dir, f"rank {rank}: {one_line(e)}", started)
         except BaseException:   # e.g. the full disk itself: the error line still goes out
