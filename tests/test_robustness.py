@@ -19,7 +19,7 @@ import pytest
 
 from dimba.training.checkpoint import latest_checkpoint
 from dimba.training.distributed import free_port
-from dimba.training.status import STALE_MIN_S, read_status, write_status
+from dimba.training.status import STALE_MIN_S, read_status, record_failure, write_status
 from tests.launch import ROOT, deepspeed_cmd, env
 from tests.test_training import TINY
 
@@ -267,3 +267,17 @@ def test_a_heartbeat_older_than_its_intervals_is_stale(tmp_path):
     with pytest.raises(ValueError):
         write_status(tmp_path, "done")
     json.loads((tmp_path / "status.json").read_text())
+
+
+def test_the_first_failure_of_a_run_is_the_one_recorded(tmp_path):
+    write_status(tmp_path, "failed", step=7, message="rank 0: an earlier incarnation's failure")
+    since = time.time() + 0.01
+    time.sleep(0.02)
+    record_failure(tmp_path, "rank 1: DataError: the cause", since)           # an old failure is overwritten
+    assert read_status(tmp_path)["message"] == "rank 1: DataError: the cause" and "step" not in read_status(tmp_path)
+    record_failure(tmp_path, "rank 0: RuntimeError: another rank ended first", since)   # the echo is not
+    assert read_status(tmp_path)["message"] == "rank 1: DataError: the cause"
+    write_status(tmp_path, "running", step=12, loss=3.5)
+    record_failure(tmp_path, "rank 0: OSError: full", since)                   # this run's heartbeat is kept
+    status = read_status(tmp_path)
+    assert status["state"] == "failed" and status["step"] == 12 and status["loss"] == 3.5

@@ -88,6 +88,7 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
         echo = peer_lost(e)
         if echo:
             e = RuntimeError(f"{echo}: {one_line(e)}")
+            time.sleep(1.0)         # let the rank where it started record the cause first (record_failure)
         try:
             record_failure(run_dir, f"rank {rank}: {one_line(e)}", started)
         except BaseException:   # e.g. the full disk itself: the error line still goes out

@@ -49,13 +49,13 @@ def read_status(run_dir: Path, now: Optional[float] = None) -> dict[str, Any]:
 
 
 def record_failure(run_dir: Path, message: str, since: float) -> None:
-    """A process of the run failed: turn `running` into `failed` with its one-line message, keeping the last
-    heartbeat's fields. Left alone: a status not written since `since` (this process's start: the run never got
-    going, and a refused start leaves the run directory as it was) and one that is no longer `running` (the first
-    rank to fail writes before it exits; its peers fail after it, on the broken connection, and must not overwrite
-    the cause with that echo)."""
+    """A process of the run failed: write `failed` with its one-line message (keeping step, loss, ... of this
+    incarnation's last heartbeat), unless another rank already recorded a failure since `since` (this process's
+    start). The rank where a failure starts records it before it exits; its peers fail after it, on the broken
+    connection, and must not overwrite the cause with that echo (run.py lets them wait a moment first)."""
     status = read_status(run_dir)
-    if status["state"] != "running" or float(status.get("heartbeat", 0.0)) < since:
+    this_run = float(status.get("heartbeat", 0.0)) >= since
+    if status["state"] == "failed" and this_run:
         return
-    keep = {k: v for k, v in status.items() if k not in ("state", "stale", "heartbeat", "message")}
+    keep = {k: v for k, v in status.items() if k not in ("state", "stale", "heartbeat", "message")} if this_run else {}
     write_status(run_dir, "failed", **keep, message=message)
