@@ -4,8 +4,8 @@ It polls RUN_DIR/checkpoints for complete checkpoints (folders with a COMPLETE m
 dimba/training/checkpoint.py) and submits one `EvaluationJob` per checkpoint; each writes
 RUN_DIR/eval/<tag>.json and adds its metrics to the run's tensorboard at the checkpoint's step. The watcher ends
 once training is over (status.json says finished/failed or its heartbeat is stale, its job left the queue,
-or its result file exists) and every evaluation has come back. It returns {tag: {"step": N, "eval/...": value, ...}} ({"error": ...} for
-an evaluation that failed) and writes the same to RUN_DIR/eval/summary.json.
+or its result file exists) and every evaluation has come back. It returns {tag: {"step": N, "eval/...": value,
+...}} ({"error": ...} for an evaluation that failed) and writes the same to RUN_DIR/eval/summary.json.
 
 A checkpoint that already has its report is not evaluated again, so a requeued watcher picks up where it was.
 Checkpoints pruned by training.keep_last before the watcher saw them are not evaluated: poll faster than

@@ -96,7 +96,7 @@ def _check_tokenizer_sha(path: Path, made_with: Optional[str], what: str) -> Non
     sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if made_with and made_with != sha:
         raise ModelLoadError(f"tokenizer {path} (sha256 {sha[:12]}) is not the one the model was trained with "
-                             f"({what} records sha256 {made_with[:12]}); use the tokenizer.model the model was trained with")
+                             f"({what} records sha256 {made_with[:12]}); use the model's own tokenizer.model")
 
 
 def convert_checkpoint(src: Path, out_dir: Path, weights: str = "ema", dtype: str = "fp32") -> Path:

@@ -293,9 +293,9 @@ class Trainer:
                 self.log(f"step {step} loss {terms['loss']:.4f} mse {terms['mse']:.4f} ce {terms['ce']:.4f} "
                          f"acc {terms['acc']:.3f} lr {extra['lr']:.2e} tok/s {tok_s:.0f}"
                          + (f" mfu {extra['mfu']:.3f}" if "mfu" in extra else ""))
-                self.write_status("running", loss=terms["loss"], eta_s=(cfg.training.max_steps - step) * extra["step_time_s"],
-                                  last_checkpoint=last_saved if last_saved >= 0 else None,
-                                  log_interval_s=now - t_last)
+                self.write_status("running", loss=terms["loss"], log_interval_s=now - t_last,
+                                  eta_s=(cfg.training.max_steps - step) * extra["step_time_s"],
+                                  last_checkpoint=last_saved if last_saved >= 0 else None)
                 t_last, tok_last, step_last = now, self.tokens_seen, step
             if self.val_loader is not None and cfg.evaluation.val_every and step % cfg.evaluation.val_every == 0:
                 val = self.validate()
@@ -313,7 +313,8 @@ class Trainer:
             if self.stopping and step < cfg.training.max_steps:   # on the last step: just finish
                 self.log(f"stopping at step {step} on {self.stop.signal_name or 'a signal on another rank'} "
                          "(checkpoint saved; a restart on this run directory resumes)")
-                self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}", last_checkpoint=step)
+                self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}",
+                                  last_checkpoint=step)
                 self.writer.close()
                 return self.stop.exit_code
         if last_saved != self.step:
