@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Train a DIMBA model with DeepSpeed.
 
+    python launch/train.py --ranks 8 --config configs/1b.json --run-dir runs/1b    (deepspeed, signals passed on)
     deepspeed --num_gpus 8 launch/train.py --config configs/1b.json --run-dir runs/1b
     torchrun --nproc_per_node 2 launch/train.py --config configs/tiny.json
     srun python launch/train.py --config configs/1b.json            (see slurm/train.sh)
     python launch/train.py --config configs/tiny.json --set training.max_steps=200
 
 A run directory holds config.json, checkpoints/ and tb/ (tensorboard); starting on an existing one resumes from
-its newest complete checkpoint. SIGUSR1/SIGTERM: finish the step, save, exit 0.
+its newest complete checkpoint. SIGUSR1/SIGTERM to the ranks: finish the step, save, exit 0 (Slurm requeues);
+Ctrl-C: the same, exit 130 (twice: abort without saving). With --ranks N this process runs DeepSpeed's launcher
+and passes those signals on to the ranks (DeepSpeed's own launcher does not), then exits 128 + the signal's
+number. status.json in the run directory says running (with a heartbeat), finished, interrupted or failed.
 """
 import argparse
 import os
@@ -24,10 +28,30 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.lr=3e-4 (repeatable)")
+    p.add_argument("--ranks", type=int, default=None, metavar="N",
+                   help="start N ranks on this machine with DeepSpeed's launcher and pass stop signals on to them")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 
+def rank_argv(argv: list[str]) -> list[str]:
+    """The command line without --ranks N (what each rank gets)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--ranks":
+            skip = True
+        elif not a.startswith("--ranks="):
+            out.append(a)
+    return out
+
+
 if __name__ == "__main__":
     args = parse_args()
+    if args.ranks is not None:
+        if args.ranks < 1:
+            sys.exit("error: --ranks must be at least 1")
+        from dimba.training.supervise import main as supervise
+        sys.exit(supervise(args.ranks, os.path.abspath(__file__), rank_argv(sys.argv[1:])))
     sys.exit(main(args.config, args.run_dir, args.overrides))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -35,11 +34,10 @@ LOCAL_REQUEUE_EXIT = 144   # submitit's local controller restarts every task whe
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/status.json as written by the trainer's rank 0, or {"state": "none"} while there is none."""
-    try:
-        return json.loads((Path(run_dir) / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"state": "none"}
+    """RUN_DIR/status.json as written by the trainer, or {"state": "none"} while there is none; `stale` says a
+    `running` run's heartbeat stopped (dimba/training/status.py has the rule)."""
+    from dimba.training.status import read_status as read
+    return read(run_dir)
 
 
 def log_tail(path: Optional[Path], lines: int = 20) -> str:

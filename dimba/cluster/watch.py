@@ -3,9 +3,9 @@
 It polls RUN_DIR/checkpoints for complete checkpoints (folders with a COMPLETE marker, see
 dimba/training/checkpoint.py) and submits one `EvaluationJob` per checkpoint; each writes
 RUN_DIR/eval/<tag>.json and adds its metrics to the run's tensorboard at the checkpoint's step. The watcher ends
-once training is over (status.json says finished/failed, its job left the queue, or its result file exists)
-and every evaluation has come back. It returns {tag: {"step": N, "eval/...": value, ...}} ({"error": ...} for
-an evaluation that failed) and writes the same to RUN_DIR/eval/summary.json.
+once training is over (status.json says finished/failed or its heartbeat is stale, its job left the queue,
+or its result file exists) and every evaluation has come back. It returns {tag: {"step": N, "eval/...": value,
+...}} ({"error": ...} for an evaluation that failed) and writes the same to RUN_DIR/eval/summary.json.
 
 A checkpoint that already has its report is not evaluated again, so a requeued watcher picks up where it was.
 Checkpoints pruned by training.keep_last before the watcher saw them are not evaluated: poll faster than
@@ -53,7 +53,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def training_over(run_dir: Path, cluster: str, folder: Path, job_id: str) -> bool:
-    if read_status(run_dir)["state"] in ("finished", "failed"):
+    status = read_status(run_dir)
+    if status["state"] in ("finished", "failed") or status["stale"]:   # stale: it died without a word
         return True
     if JobPaths(folder, job_id=job_id, task_id=0).result_pickle.exists():
         return True

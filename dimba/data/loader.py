@@ -28,7 +28,10 @@ same batches every time it is iterated.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
 import signal
 from pathlib import Path
 from typing import Iterator
@@ -45,24 +48,48 @@ from dimba.data.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 PREFETCH_BATCHES = 4               # per worker
+PR_SET_PDEATHSIG = 1               # linux/prctl.h
 
 
 def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """data.tokenizer, or the copy saved beside the shards; checked against the shards' vocabulary."""
+    """data.tokenizer, or the copy saved beside the shards; checked against the shards' vocabulary and against
+    the sha256 of the tokenizer their manifest records (two tokenizers of the same size are different ids)."""
     manifest = read_manifest(cfg.shards)
     tok = Tokenizer(cfg.tokenizer or manifest.tokenizer_path)
     if tok.vocab_size != manifest.vocab_size:
         raise DataError(f"data.tokenizer {tok.path} has {tok.vocab_size} pieces but the shards in {cfg.shards} were "
                         f"made with a {manifest.vocab_size}-piece tokenizer; use {manifest.tokenizer_path}")
+    made_with = manifest.data["tokenizer"].get("sha256")
+    if made_with and made_with != tok.sha256:
+        raise DataError(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) is not the one the shards in {cfg.shards} "
+                        f"were made with ({manifest.tokenizer_path}, sha256 {made_with[:12]}); use that one "
+                        "(data.tokenizer) or re-shard the text with this tokenizer")
     return tok
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave stop signals to the trainer: Slurm sends SIGTERM/SIGUSR1 to every process of a job, and a
-    worker killed by it would crash the trainer before it could save. Workers still end with their parent
-    (PyTorch's watchdog) and when the loader shuts them down."""
+def _worker_init(worker_id: int) -> None:
+    """Workers leave stop signals to the trainer and die with it.
+
+    Slurm, a launcher or Ctrl-C signal every process of a job or process group: a worker killed by that would crash
+    its trainer before it could save, so workers ignore SIGTERM/SIGUSR1/SIGUSR2/SIGINT. They must still never
+    outlive their trainer, however it ends (an error, os._exit, SIGKILL): the kernel kills them when it exits
+    (PR_SET_PDEATHSIG). A trainer that exits normally stops them first (`TokenLoader.close`): one left running
+    at interpreter exit (they ignore SIGTERM) would make multiprocessing's exit handler wait for it forever.
+    """
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):   # not Linux: PyTorch's own watchdog ends the worker within seconds
+        return
+    if parent is not None and os.getppid() != parent.pid:   # the trainer died before prctl took hold
+        os._exit(1)
 
 
 class _RankStream(IterableDataset):
@@ -103,6 +130,7 @@ class TokenLoader:
                               cfg.shuffle_buffer, shuffle=(split == "train"))
         self._batches = 0
         self._corrupt: set[str] = set()
+        self._open = None                  # the DataLoader iterator of a pass in progress (its workers)
 
     # -- sizes ------------------------------------------------------------------------------------------------
     @property
@@ -127,8 +155,8 @@ class TokenLoader:
         if self.cfg.num_workers > 0:
             stream = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                 prefetch_factor=PREFETCH_BATCHES, persistent_workers=False,
-                                worker_init_fn=_ignore_stop_signals)
-        it = iter(stream)
+                                worker_init_fn=_worker_init)
+        it = self._open = iter(stream)
         try:
             for batch in it:
                 for message in batch.pop("corrupt_shards"):
@@ -145,6 +173,16 @@ class TokenLoader:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            if self._open is it:
+                self._open = None
+
+    def close(self) -> None:
+        """Stop the workers of a pass still in progress (the endless train pass), now rather than at garbage
+        collection; call it before the process exits."""
+        shutdown = getattr(self._open, "_shutdown_workers", None)
+        self._open = None
+        if shutdown is not None:
+            shutdown()
 
     # -- position ---------------------------------------------------------------------------------------------
     @property

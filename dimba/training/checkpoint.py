@@ -12,10 +12,15 @@ Layout of a run directory:
 
 A process that dies while saving leaves a folder without COMPLETE: it is never resumed from, and the next
 save of the same step, or the clean-up at start-up, removes it. Only complete checkpoints count towards keep_last.
+
+Fault injection for tests: DIMBA_TEST_ENOSPC=<file name> makes every `_atomic_write` of a file of that name raise
+ENOSPC, as a full disk would (e.g. state.json: rank 0 fails mid-save while the other ranks wait at a barrier).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
@@ -29,6 +34,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+RUN_TOKENIZER = "tokenizer.model"
+IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
 
 
 def _deepspeed_safe_globals() -> list:
@@ -61,6 +68,8 @@ def tag_for(step: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    if os.environ.get("DIMBA_TEST_ENOSPC") == path.name:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (DIMBA_TEST_ENOSPC)", str(path))
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -160,3 +169,59 @@ def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, Optional[dict]
     ema_file = path / "ema.safetensors"
     ema = load_file(str(ema_file)) if ema_file.is_file() else None
     return state, ema
+
+
+def resume_refusal(run_dir: Path, config: dict, world_size: int, tokenizer_path: Optional[Path]) -> Optional[str]:
+    """Why this run may not continue RUN_DIR (None: it may), from files alone, before anything is written: the
+    tokenizer in use must be the run's (RUN_DIR/tokenizer.model and the sha256 its checkpoints record), and the
+    newest complete checkpoint must hold the same objective and model (`config`: this run's config as a dict) on
+    as many ranks. tokenizer_path None (a trainer without a tokenizer, in tests) skips the tokenizer checks."""
+    from dimba.config.core import ConfigError
+    from dimba.config.schema import config_from_dict
+    run_dir = Path(run_dir)
+    sha = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest() if tokenizer_path is not None else None
+    run_tok = run_dir / RUN_TOKENIZER
+    if sha is not None and run_tok.is_file():
+        run_sha = hashlib.sha256(run_tok.read_bytes()).hexdigest()
+        if run_sha != sha:
+            return (f"run directory {run_dir} was trained with tokenizer {run_tok} (sha256 {run_sha[:12]}) but this "
+                    f"run uses {tokenizer_path} (sha256 {sha[:12]}); train with the run's tokenizer and its shards, "
+                    "or use a new --run-dir")
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        return None
+    saved = json.loads((path / "state.json").read_text())
+    try:
+        was = config_from_dict(saved["config"]).to_dict()      # an earlier version's config, upgraded
+    except ConfigError as e:
+        return f"checkpoint {path} was written with a config this version cannot read ({e}); use a new --run-dir"
+    if was["objective"] != config["objective"]:
+        return (f"checkpoint {path} was trained with objective {was['objective']!r}, this config says "
+                f"{config['objective']!r}; use a new --run-dir or set objective={was['objective']}")
+    model = config["model"]
+    diff = [k for k, v in was["model"].items() if k not in IMPLEMENTATION_ONLY and model.get(k) != v]
+    if diff:
+        return (f"checkpoint {path} was written by a different model (model.{diff[0]} differs); "
+                "use a new --run-dir or the same model config")
+    if saved["world_size"] != world_size:
+        return (f"checkpoint {path} was written by {saved['world_size']} ranks, this run has {world_size}; resume "
+                "with the same number of ranks")
+    made_with = saved.get("tokenizer_sha256")
+    if made_with and sha is not None and made_with != sha:
+        return (f"checkpoint {path} was trained with a tokenizer of sha256 {made_with[:12]} but this run uses "
+                f"{tokenizer_path} (sha256 {sha[:12]}); train with the run's tokenizer, or use a new --run-dir")
+    return None
+
+
+def write_run_files(run_dir: Path, config_json: str, tokenizer_path: Optional[Path]) -> None:
+    """RUN_DIR/config.json and the run's own copy of its tokenizer (so converted models and tools never need the
+    shards), each replaced atomically. Called once every start-up check has passed."""
+    run_dir = Path(run_dir)
+    _atomic_write(run_dir / "config.json", config_json)
+    tok = run_dir / RUN_TOKENIZER
+    if tokenizer_path is None:
+        return
+    if not tok.is_file() or tok.read_bytes() != Path(tokenizer_path).read_bytes():
+        tmp = tok.with_name(f"{tok.name}.tmp{os.getpid()}")
+        shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, tok)

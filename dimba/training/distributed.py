@@ -4,6 +4,16 @@ The deepspeed launcher and torchrun export RANK / WORLD_SIZE / LOCAL_RANK / MAST
 `srun` (one task per GPU or CPU rank) only SLURM_* is set: we derive the same variables from SLURM_PROCID,
 SLURM_NTASKS and SLURM_LOCALID; MASTER_ADDR / MASTER_PORT come from the batch script (slurm/train.sh exports
 them from the allocation). A bare `python launch/train.py` is a world of one.
+
+How an error ends every rank (`exit_on_error`): a rank that raises prints its one-line error and leaves with
+os._exit. Its sockets close with it, so a peer waiting in a gloo collective gets "connection closed" at once,
+raises, and leaves the same way; a launcher (deepspeed, torchrun, srun --kill-on-bad-exit) sees a rank fail and
+ends the rest. os._exit also skips interpreter shutdown, where a normal exit could block (multiprocessing joining
+loader workers, DeepSpeed's and torch's exit hooks waiting on a dead peer); the loader workers die with it
+(PR_SET_PDEATHSIG, dimba/data/loader.py). A peer that is alive but stuck (hung I/O, a deadlock) is covered by
+the process group's timeout: no collective waits longer than COLLECTIVE_TIMEOUT_S (DIMBA_COLLECTIVE_TIMEOUT_S
+overrides it; it must exceed the longest wait of a healthy run, e.g. rank 0 writing the EMA of a large model
+while the others wait at the save's barrier).
 """
 from __future__ import annotations
 
@@ -11,10 +21,15 @@ import contextlib
 import os
 import socket
 import sys
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -80,7 +95,7 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=collective_timeout_s()))
         if backend == "gloo":
             _unlink_shm_buffer(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -112,3 +127,40 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t.tolist()
+
+
+def collective_timeout_s() -> float:
+    return float(os.environ.get("DIMBA_COLLECTIVE_TIMEOUT_S", COLLECTIVE_TIMEOUT_S))
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: message` on one line, for logs, status.json and people. An error re-raised from a DataLoader worker
+    carries the worker's traceback in its message: its last line is the error."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1]
+    return f"{type(e).__name__}: {' '.join(text.split()) or '(no message)'}"
+
+
+def peer_lost(e: BaseException) -> str:
+    """Why a collective failed when the cause is another rank (gloo's broken connection: it ended first; gloo's
+    timeout: it is stuck), as the start of a one-line error; "" for an error of this rank's own."""
+    if not isinstance(e, RuntimeError):
+        return ""
+    if "Connection closed by peer" in str(e) or "Connection reset by peer" in str(e):
+        return "another rank ended first (its error is the cause)"
+    if "Timed out waiting" in str(e):
+        return (f"another rank did not join a collective within {collective_timeout_s():.0f} s (stuck, or on another "
+                "machine that died; DIMBA_COLLECTIVE_TIMEOUT_S sets the limit)")
+    return ""
+
+
+def exit_on_error(e: BaseException, rank: int, code: int = 1, show_traceback: bool = False) -> NoReturn:
+    """Print the error's one line (after its traceback when show_traceback: a bug, not a bad input) and end this
+    process now, without interpreter shutdown: the module docstring says why that ends every rank in seconds."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    if show_traceback:
+        traceback.print_exception(e)
+    print(f"error: rank {rank}: {one_line(e)}", file=sys.stderr, flush=True)
+    os._exit(code)

@@ -13,6 +13,7 @@ three plain DeepSpeed classes they contain allow-listed (`safe_deepspeed_load`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -78,15 +79,25 @@ def _run_dir_of(ckpt: Path) -> Path:
 
 
 def find_tokenizer(ckpt: Path, cfg: Config) -> Path:
-    """The run's copy of its tokenizer (written at training start), else the one the config names."""
-    run_copy = _run_dir_of(ckpt) / TOKENIZER_FILE
-    if run_copy.is_file():
-        return run_copy
-    from dimba.data.loader import load_tokenizer
-    try:
-        return Path(load_tokenizer(cfg.data).path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot find the tokenizer of {ckpt}: {e}") from None
+    """The run's copy of its tokenizer (written at training start), else the one the config names; either must
+    be the tokenizer the checkpoint was trained with (the sha256 its state.json records, when it does)."""
+    path = _run_dir_of(ckpt) / TOKENIZER_FILE
+    if not path.is_file():
+        from dimba.data.loader import load_tokenizer
+        try:
+            path = Path(load_tokenizer(cfg.data).path)
+        except Exception as e:
+            raise ModelLoadError(f"cannot find the tokenizer of {ckpt}: {e}") from None
+    made_with = json.loads((ckpt / "state.json").read_text()).get("tokenizer_sha256")
+    _check_tokenizer_sha(path, made_with, f"checkpoint {ckpt / 'state.json'}")
+    return path
+
+
+def _check_tokenizer_sha(path: Path, made_with: Optional[str], what: str) -> None:
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if made_with and made_with != sha:
+        raise ModelLoadError(f"tokenizer {path} (sha256 {sha[:12]}) is not the one the model was trained with "
+                             f"({what} records sha256 {made_with[:12]}); use the model's own tokenizer.model")
 
 
 def convert_checkpoint(src: Path, out_dir: Path, weights: str = "ema", dtype: str = "fp32") -> Path:
@@ -100,10 +111,12 @@ def convert_checkpoint(src: Path, out_dir: Path, weights: str = "ema", dtype: st
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"step": str(step), "weights": weights, "objective": cfg.objective, "source": str(ckpt)}
+    tokenizer = find_tokenizer(ckpt, cfg)
+    meta = {"step": str(step), "weights": weights, "objective": cfg.objective, "source": str(ckpt),
+            "tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest()}
     save_file({k: v.to(torch_dtype).contiguous() for k, v in state.items()}, str(out_dir / MODEL_FILE), metadata=meta)
     (out_dir / CONFIG_FILE).write_text(cfg.to_json())
-    shutil.copyfile(find_tokenizer(ckpt, cfg), out_dir / TOKENIZER_FILE)
+    shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
     return out_dir
 
 
@@ -175,7 +188,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
             raise ModelLoadError(f"{path / CONFIG_FILE} is not a DIMBA config: {e}") from None
         from safetensors import safe_open
         with safe_open(str(path / MODEL_FILE), "pt") as f:
-            step = int((f.metadata() or {}).get("step", 0))
+            meta = f.metadata() or {}
+        step = int(meta.get("step", 0))
         state = load_file(str(path / MODEL_FILE))
         tok_path, source, run_dir = path / TOKENIZER_FILE, str(path / MODEL_FILE), None
     else:
@@ -191,6 +205,8 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ModelLoadError(f"tokenizer {tok_path} has {tokenizer.vocab_size} pieces but the model was trained with "
                              f"model.vocab_size={cfg.model.vocab_size}; use the tokenizer the model was trained with")
+    if run_dir is None:      # a converted folder (a checkpoint's tokenizer was checked by find_tokenizer)
+        _check_tokenizer_sha(tok_path, meta.get("tokenizer_sha256"), str(path / MODEL_FILE))
     model = build_model(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.to(device).eval()

@@ -1,8 +1,15 @@
-"""Wiring for `launch/train.py`: config -> process group -> run directory -> loaders -> Trainer.fit()."""
+"""Wiring for `launch/train.py`: config -> checks -> process group -> loaders -> Trainer.fit().
+
+Exit codes: 0 finished, or stopped by SIGUSR1/SIGTERM after saving (Slurm requeues it); 130 stopped by Ctrl-C
+after saving; 2 a bad input (config, data, tokenizer), refused before anything is written; 1 a refused restart
+or a failure. A failure after start-up ends this process at once (`exit_on_error`): the other ranks see the broken
+connection and end too, and status.json says `failed` with the error's one line.
+"""
 from __future__ import annotations
 
-import shutil
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -48,33 +55,60 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     from dimba.training.stopflag import StopFlag
     stop = StopFlag()
     stop.install()
+    started = time.time()
     from dimba.data.errors import DataError
+    from dimba.training.checkpoint import resume_refusal
+    from dimba.training.distributed import resolve_env
     try:
         cfg = load_config(config_path, overrides)
         check_data(cfg)
         tokenizer = open_tokenizer(cfg)
-    except (ConfigError, DataError) as e:
+        world_size = int(resolve_env()["WORLD_SIZE"])
+    except (ConfigError, DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    run_dir = Path(run_dir) if run_dir else default_run_dir(config_path)
+    try:
+        refusal = resume_refusal(run_dir, cfg.to_dict(), world_size, tokenizer.path)
+    except (OSError, ValueError, KeyError) as e:
+        refusal = f"cannot read the run directory {run_dir} ({type(e).__name__}: {e}); fix it or use a new --run-dir"
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
     from dimba.data.loader import TokenLoader
-    from dimba.training.distributed import init_distributed
+    from dimba.training.distributed import exit_on_error, init_distributed, one_line, peer_lost
+    from dimba.training.status import record_failure
     from dimba.training.trainer import Trainer, TrainingStopped
 
-    run_dir = Path(run_dir) if run_dir else default_run_dir(config_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = init_distributed()
-    if info.is_main:     # the run keeps its own tokenizer, so converted models and tools never need the shards
-        shutil.copyfile(tokenizer.path, run_dir / "tokenizer.model")
-    loader = TokenLoader(cfg.data, split="train", batch_size=cfg.micro_batch_size, rank=info.rank,
-                         world_size=info.world_size)
-    val_loader = None
-    if cfg.evaluation.val_every:
-        val_loader = TokenLoader(cfg.data, split="val", batch_size=cfg.micro_batch_size, rank=info.rank,
-                                 world_size=info.world_size)
+    info, loaders = None, []
     try:
-        return Trainer(cfg, run_dir, info, loader, val_loader, tokenizer, stop).fit()
-    except TrainingStopped as e:
+        info = init_distributed()
+        loader = TokenLoader(cfg.data, split="train", batch_size=cfg.micro_batch_size, rank=info.rank,
+                             world_size=info.world_size)
+        loaders.append(loader)
+        val_loader = None
+        if cfg.evaluation.val_every:
+            val_loader = TokenLoader(cfg.data, split="val", batch_size=cfg.micro_batch_size, rank=info.rank,
+                                     world_size=info.world_size)
+            loaders.append(val_loader)
+        code = Trainer(cfg, run_dir, info, loader, val_loader, tokenizer, stop).fit()
+    except TrainingStopped as e:     # raised on every rank at the same point (collective decision): a clean exit
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        stop.release()
+        code = 1
+    except BaseException as e:       # anything else, on any rank, at any point: end this process now
+        rank = info.rank if info is not None else int(os.environ.get("RANK", 0))
+        echo = peer_lost(e)
+        if echo:
+            e = RuntimeError(f"{echo}: {one_line(e)}")
+            time.sleep(1.0)         # let the rank where it started record the cause first (record_failure)
+        try:
+            record_failure(run_dir, f"rank {rank}: {one_line(e)}", started)
+        except BaseException:   # e.g. the full disk itself: the error line still goes out
+            pass
+        known = echo or isinstance(e, (ConfigError, DataError, OSError, KeyboardInterrupt))   # else a bug: traceback
+        exit_on_error(e, rank, 130 if isinstance(e, KeyboardInterrupt) else 1, show_traceback=not known)
+    stop.release()
+    for lo in loaders:
+        lo.close()
+    return code

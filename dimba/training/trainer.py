@@ -3,9 +3,9 @@
 One call of `Trainer.train_step` is one optimizer step of `gradient_accumulation_steps` micro-batches. A
 micro-batch whose loss is non-finite on any rank is dropped on every rank before its backward (so DeepSpeed's
 accumulation count stays consistent) and counted; `training.max_nonfinite` of them in a row stop the run after a
-save. SIGUSR1/SIGTERM set a flag; after each step the ranks agree on it in one collective and, if any rank was
-signalled, all of them save that step and exit 0 (a rank never saves or stops on its own flag: that would be a
-collective the others never join).
+save. SIGUSR1/SIGTERM/SIGINT set a flag; after each step the ranks agree on it in one collective and, if any rank
+was signalled, all of them save that step and exit (0; 130 for Ctrl-C) (a rank never saves or stops on its own
+flag: that would be a collective the others never join).
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from dimba.config.core import ConfigError
-from dimba.config.schema import Config, config_from_dict, save_config
+from dimba.config.schema import Config
 from dimba.objectives import Request, get_objective, make_draw
 from dimba.training import checkpoint as ckpt
+from dimba.training import status as run_status
 from dimba.training.distributed import DistInfo, all_reduce_max, all_reduce_mean
 from dimba.training.ema import EMA
 from dimba.training.engine import build_engine, peak_flops
@@ -29,7 +30,6 @@ from dimba.training.stopflag import StopFlag
 from dimba.model.build import count_parameters
 
 VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
-IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
 
 
 class TrainingStopped(RuntimeError):
@@ -69,6 +69,8 @@ class Trainer:
 
     def save(self) -> Path:
         state = self.client_state()
+        if self.tokenizer is not None:      # a restart, convert and eval check the tokenizer they use against it
+            state["tokenizer_sha256"] = self.tokenizer.sha256
         ema = self.ema.full_state_dict() if self.ema is not None else None
         path = ckpt.save_checkpoint(self.engine, self.run_dir, self.step, state, ema, self.cfg.training.keep_last,
                                     self.info.rank)
@@ -79,8 +81,13 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Resume from the newest complete checkpoint of the run directory, if any."""
+        """Resume from the newest complete checkpoint of the run directory, if any (refused before anything in
+        the run directory changes: another model, world size or tokenizer)."""
         ckpt_dir = self.run_dir / "checkpoints"
+        refusal = ckpt.resume_refusal(self.run_dir, self.cfg.to_dict(), self.info.world_size,
+                                      self.tokenizer.path if self.tokenizer is not None else None)
+        if refusal:
+            raise TrainingStopped(refusal)
         if self.info.is_main:
             for name in ckpt.remove_incomplete(ckpt_dir):
                 self.log(f"removed incomplete checkpoint {name} (the process writing it died)")
@@ -88,20 +95,6 @@ class Trainer:
         path = ckpt.latest_checkpoint(ckpt_dir)
         if path is None:
             return False
-        saved = json.loads((path / "state.json").read_text())
-        was = saved.get("objective") or config_from_dict(saved["config"]).objective
-        if was != self.cfg.objective:
-            raise TrainingStopped(f"checkpoint {path} was trained with objective {was!r}, this config says "
-                                  f"{self.cfg.objective!r}; use a new --run-dir or set objective={was}")
-        now = self.cfg.to_dict()["model"]
-        saved["config"] = config_from_dict(saved["config"]).to_dict()      # an earlier version's config, upgraded
-        diff = [k for k, v in saved["config"]["model"].items() if k not in IMPLEMENTATION_ONLY and now.get(k) != v]
-        if diff:
-            raise TrainingStopped(f"checkpoint {path} was written by a different model (model.{diff[0]} differs); "
-                                  "use a new --run-dir or the same model config")
-        if saved["world_size"] != self.info.world_size:
-            raise TrainingStopped(f"checkpoint {path} was written by {saved['world_size']} ranks, this run has "
-                                  f"{self.info.world_size}; resume with the same number of ranks")
         state, ema = ckpt.load_checkpoint(self.engine, path, self.info.rank)
         self.step, self.micro_index, self.tokens_seen = state["step"], state["micro_index"], state["tokens_seen"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
@@ -227,18 +220,18 @@ class Trainer:
         return [self.tokenizer.decode(t) for t in tokens]
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    def write_status(self, state: str, message: str = "") -> None:
+    def write_status(self, state: str, message: str = "", **fields) -> None:
         if self.info.is_main:
-            status = {"state": state, "step": self.step, "max_steps": self.cfg.training.max_steps, "message": message}
-            ckpt._atomic_write(self.run_dir / "status.json", json.dumps(status) + "\n")
+            run_status.write_status(self.run_dir, state, step=self.step, max_steps=self.cfg.training.max_steps,
+                                    message=message, **fields)
 
     def fit(self) -> int:
         """Train to training.max_steps (or until stopped); returns the process exit code."""
         cfg = self.cfg
         self.stop.install()          # no-op when launch installed it already
-        if self.info.is_main:
-            save_config(cfg, self.run_dir / "config.json")
         self.resume()
+        if self.info.is_main:        # only now, every check passed: a refused restart leaves the run as it was
+            ckpt.write_run_files(self.run_dir, cfg.to_json(), self.tokenizer.path if self.tokenizer else None)
         self.log(f"model: {self.n_params / 1e6:.2f}M parameters; world size {self.info.world_size}; "
                  f"ZeRO stage {cfg.zero_stage}; step {self.step}/{cfg.training.max_steps}")
         self.write_status("running")
@@ -280,6 +273,9 @@ class Trainer:
                 self.log(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                          + f" lr {extra['lr']:.2e} tok/s {tok_s:.0f}"
                          + (f" mfu {extra['mfu']:.3f}" if "mfu" in extra else ""))
+                self.write_status("running", loss=terms["loss"], log_interval_s=now - t_last,
+                                  eta_s=(cfg.training.max_steps - step) * extra["step_time_s"],
+                                  last_checkpoint=last_saved if last_saved >= 0 else None)
                 t_last, tok_last, step_last = now, self.tokens_seen, step
             if self.val_loader is not None and cfg.evaluation.val_every and step % cfg.evaluation.val_every == 0:
                 val = self.validate()
@@ -297,12 +293,13 @@ class Trainer:
             if self.stopping and step < cfg.training.max_steps:   # on the last step: just finish
                 self.log(f"stopping at step {step} on {self.stop.signal_name or 'a signal on another rank'} "
                          "(checkpoint saved; a restart on this run directory resumes)")
-                self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}")
+                self.write_status("interrupted", f"stopped by {self.stop.signal_name or 'signal'}",
+                                  last_checkpoint=step)
                 self.writer.close()
-                return 0
+                return self.stop.exit_code
         if last_saved != self.step:
             self.save()
-        self.write_status("finished")
+        self.write_status("finished", last_checkpoint=self.step)
         self.writer.close()
         self.log(f"finished: {self.step} steps, {self.tokens_seen} tokens")
         return 0
