@@ -16,7 +16,7 @@ TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "mode
         "--set", "data.seq_len=64", "--set", "deepspeed.train_micro_batch_size_per_gpu=8",
         "--set", "training.warmup_steps=2", "--set", "training.max_steps=30", "--set", "training.checkpoint_every=30",
         "--set", "evaluation.val_every=0", "--set", "evaluation.sample_every=0", "--set", "logging.log_every=10",
-        "--set", "data.num_workers=0"]
+        "--set", "data.num_workers=0", "--set", "objective=gaussian"]
 AR = ["--set", "objective=ar", "--set", "model.bidirectional=false"]
 SMALL_EVAL = ["--batches", "2", "--batch-size", "4", "--t-samples", "4", "--t-buckets", "3", "--steps", "2,4",
               "--samples", "4", "--prompts", "4", "--gen-batch", "4", "--speed-repeats", "1", "--examples", "1"]

@@ -19,7 +19,8 @@ TINY = ["--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "mode
         "--set", "deepspeed.zero_optimization.stage=2", "--set", "training.warmup_steps=2",
         "--set", "evaluation.val_every=5", "--set", "evaluation.val_batches=2", "--set", "evaluation.sample_every=0",
         "--set", "logging.log_every=1", "--set", "data.num_workers=1",
-        "--set", "diffusion.time_warp=learned"]   # stateful: exact resume must restore it (power warp for 2 steps)
+        "--set", "diffusion.time_warp=learned",   # stateful: exact resume must restore it (power warp for 2 steps)
+        "--set", "objective=gaussian"]            # this file: the Gaussian objective's engine guarantees
 MAX_STEPS = 10
 
 

@@ -32,6 +32,12 @@ from dimba.model.build import count_parameters
 VAL_SEED_OFFSET = 7_777_777   # validation noise seeds are fixed per val sample, independent of the step
 
 
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h14m."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped for a reason a person must look at (the message says which)."""
 
@@ -55,6 +61,8 @@ class Trainer:
         self.n_params = count_parameters(self.model)
         self.flops_per_token = self.objective.flops_per_token()
         self.peak = peak_flops(info.device)
+        self.peak_name = (f"{self.peak / 1e12:.0f} TFLOP/s bf16 dense" if info.device.type == "cuda"
+                          else f"{self.peak / 1e9:.0f} GFLOP/s measured fp32 matmul")
         self._it: Optional[Iterator] = None
 
     # ---- state ------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap_out()
         if self.tokenizer is None:
-            return [" ".join(map(str, t.tolist())) for t in tokens]
+            return [" ".join(map(str, t)) for t in tokens]
         return [self.tokenizer.decode(t) for t in tokens]
 
     # ---- the loop ---------------------------------------------------------------------------------------
@@ -236,6 +244,7 @@ class Trainer:
                  f"ZeRO stage {cfg.zero_stage}; step {self.step}/{cfg.training.max_steps}")
         self.write_status("running")
         t_last, tok_last, step_last = time.time(), self.tokens_seen, self.step
+        t_start = t_last
         last_saved = self.step if self.step > 0 else -1
         while self.step < cfg.training.max_steps:
             terms = self.train_step()
@@ -270,9 +279,11 @@ class Trainer:
                         extra[f"data/{k}"] = v
                 self.writer.scalars(step, {f"train/{k}": v for k, v in terms.items() if k != "tokens"})
                 self.writer.scalars(step, extra)
+                eta = (cfg.training.max_steps - step) * extra["step_time_s"]
                 self.log(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                         + f" lr {extra['lr']:.2e} tok/s {tok_s:.0f}"
-                         + (f" mfu {extra['mfu']:.3f}" if "mfu" in extra else ""))
+                         + f" lr {extra['lr']:.2e} tok/s {tok_s:.0f} {extra['step_time_s']:.2f} s/step"
+                         + f" elapsed {_duration(now - t_start)} ETA {_duration(eta)}"
+                         + (f" mfu {extra['mfu']:.3f} of {self.peak_name}" if "mfu" in extra else ""))
                 self.write_status("running", loss=terms["loss"], log_interval_s=now - t_last,
                                   eta_s=(cfg.training.max_steps - step) * extra["step_time_s"],
                                   last_checkpoint=last_saved if last_saved >= 0 else None)
