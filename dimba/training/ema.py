@@ -99,6 +99,12 @@ class EMA:
         import deepspeed
         for p, v in zip(self.params, tensors):
             value = v if full else self._gather(v, p)
+            if getattr(p, "ds_persist", False):
+                # ZeRO-3 keeps small parameters whole on every rank (param_persistence_threshold): write them in
+                # place on each rank. Re-partitioning one on the way out of GatheredParameters fails when a module
+                # still holds it ("Cannot free a ZeRO-3 parameter while it is still active"), as after a resume.
+                p.data.copy_(value.to(p.device, p.dtype))
+                continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if dist.get_rank() == 0:
                     p.data.copy_(value.to(p.dtype))
