@@ -194,11 +194,18 @@ def test_bad_input_is_counted_and_reported(tmp_path):
     (lambda d: str(d / "*.nothing"), "input glob '{d}/*.nothing' matched no files"),
     (lambda d: str(d), "input {d} is a directory"),
     (lambda d: (d / "blank.txt").write_text("\n \n") and str(d / "blank.txt"), "no documents in the 1 input file(s)"),
+    (lambda d: (d / "a.bin").write_bytes(bytes(range(256)) * 8) and str(d / "a.bin"),
+     "input file {d}/a.bin is not text: 1256 of its first 2048 bytes are not UTF-8 text"),
+    (lambda d: (d / "w.txt").write_text("Windows notes\n" * 50, encoding="utf-16") and str(d / "w.txt"),
+     "input file {d}/w.txt is not text: 702 of its first 1402 bytes"),
+    (lambda d: (d / "b.jsonl.gz").write_bytes(gzip.compress(bytes(1000))) and str(d / "b.jsonl.gz"),
+     "input file {d}/b.jsonl.gz is not JSONL: 1000 of its first 1000 bytes"),
 ])
 def test_fatal_input_errors_are_one_line_messages(tmp_path, make_input, message):
     r = shard_cli("--input", make_input(tmp_path), "--tokenizer", str(TOKENIZER), "--output", str(tmp_path / "o"))
     assert r.returncode == 2
     assert message.format(d=tmp_path) in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and r.stderr.count("error: ") == 1
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 

@@ -15,6 +15,9 @@ counts go into the shard manifest:
   jsonl_missing_key  a JSONL object without `text_key` (line skipped)
   jsonl_not_string   `text_key` holds something other than a string (line skipped)
   empty_documents    a JSONL text that is empty or whitespace only (line skipped)
+A file that is mostly not text (binary data, UTF-16, ...) is refused by
+`check_text_files` before anything is read: counting its bytes as undecodable lines
+would turn it into noise in the shards.
 """
 from __future__ import annotations
 
@@ -106,6 +109,35 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+SNIFF_BYTES = 1 << 16              # how much of each file `check_text_files` looks at
+MAX_NOT_TEXT = 0.3                 # ... and the share of those bytes that are not text above which it refuses the file
+# bytes that are not text once decoded with surrogateescape: C0 controls but tab, newline, CR and form feed,
+# DEL, and invalid UTF-8 (each such byte becomes one lone surrogate)
+NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f\udc80-\udcff]")
+
+
+def not_text_bytes(data: bytes) -> int:
+    """How many bytes of `data` are not UTF-8 text (a character cut at the end of a sample counts: 3 at most)."""
+    return len(NOT_TEXT.findall(data.decode("utf-8", errors="surrogateescape")))
+
+
+def check_text_files(paths: list[Path], fmt: Format = "auto") -> None:
+    """Refuse a file whose first SNIFF_BYTES (decompressed for .gz) are mostly not UTF-8 text."""
+    for path in paths:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                data = f.read(SNIFF_BYTES)
+        except (OSError, EOFError, zlib.error):
+            continue                   # a corrupt .gz: reading it counts it as an unreadable file
+        bad = not_text_bytes(data)
+        if data and bad > MAX_NOT_TEXT * len(data):
+            kind = "JSONL" if input_format(path, fmt) == "jsonl" else "text"
+            raise DataError(f"input file {path} is not {kind}: {bad} of its first {len(data)} bytes are not UTF-8 "
+                            "text (binary data, or another encoding such as UTF-16); remove it from --input "
+                            "or convert it to UTF-8")
 
 
 READ_BYTES = 1 << 20

@@ -39,7 +39,8 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from dimba.data.documents import Format, InputStats, TextMode, expand_inputs, file_sha256, iter_corpus_lists
+from dimba.data.documents import (Format, InputStats, TextMode, check_text_files, expand_inputs, file_sha256,
+                                  iter_corpus_lists)
 from dimba.data.errors import DataError
 from dimba.data.shards import (MANIFEST_NAME, MANIFEST_VERSION, SPLITS, ShardInfo, ShardWriter, manifest_to_json,
                                shard_dicts, token_dtype, write_atomic)
@@ -296,6 +297,7 @@ def run_shard_job(job: ShardJob) -> dict:
         raise DataError(f"--workers must be >= 1 (or 0 for all cores), got {job.workers}")
     workers = job.workers or cpu_count()
     inputs = expand_inputs(job.inputs)
+    check_text_files(inputs, job.fmt)
     tok = Tokenizer(job.tokenizer)
     out = Path(job.output)
     fingerprint = _fingerprint(job, inputs, tok)
