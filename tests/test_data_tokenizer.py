@@ -222,7 +222,7 @@ def test_every_cli_option_has_a_help_line(monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     scripts = sorted((REPO / "data_prep").glob("*.py"))
-    assert {s.name for s in scripts} >= {"shard.py", "train_tokenizer.py"}
+    assert {s.name for s in scripts} >= {"prepare.py", "shard.py", "train_tokenizer.py"}
     for script in scripts:
         with pytest.raises(Parsed) as got:
             runpy.run_path(str(script))["main"]([])
