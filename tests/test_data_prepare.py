@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dimba.config.core import ConfigError
+from dimba.config.schema import ModelConfig, load_config
 from dimba.data.documents import iter_documents
 from dimba.data.shards import read_manifest, read_shard
 from dimba.data.tokenizer import EOS_ID, MASK_ID, Tokenizer
+from dimba.training.run import open_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data_prep" / "corpus"
@@ -62,6 +65,17 @@ def test_a_rerun_reuses_the_tokenizer_and_the_shards(prepared):
     assert r.returncode == 0, r.stderr
     assert "reusing" in r.stderr and "nothing to do" in r.stderr
     assert (prepared / "tokenizer" / "tokenizer.model").stat().st_mtime_ns == before
+
+
+def test_training_takes_vocab_size_from_the_manifest_when_unset(prepared):
+    assert ModelConfig().vocab_size == 0
+    cfg = load_config(str(REPO / "configs" / "tiny.json"), [f"data.shards={prepared}", "model.vocab_size=0"])
+    assert open_tokenizer(cfg).vocab_size == 600 and cfg.model.vocab_size == 600
+    cfg = load_config(str(REPO / "configs" / "tiny.json"), [f"data.shards={prepared}", "model.vocab_size=4096"])
+    with pytest.raises(ConfigError, match="model.vocab_size is 4096 but tokenizer .* has 600 pieces"):
+        open_tokenizer(cfg)
+    with pytest.raises(ConfigError, match="model.vocab_size must be positive"):
+        load_config(str(REPO / "configs" / "tiny.json"), ["model.vocab_size=-1"])
 
 
 def test_prepare_with_a_given_tokenizer(tmp_path):

@@ -29,7 +29,7 @@ DEEPSPEED_OWNED_KEYS = {
 @dataclass
 class ModelConfig:
     kind: Literal["dimba", "ar"] = "dimba"
-    vocab_size: int = 8192
+    vocab_size: int = 0          # 0: the shards' tokenizer's (manifest.json), filled in at launch
     pad_id: int = 0
     d_model: int = 256
     n_layers: int = 4
@@ -67,10 +67,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "d_embed", "d_state", "d_conv", "expand", "headdim",
+        require(self.vocab_size >= 0, f"model.vocab_size must be positive (or 0: the shards'), got {self.vocab_size}")
+        for name in ("d_model", "n_layers", "d_embed", "d_state", "d_conv", "expand", "headdim",
                      "ngroups", "chunk_size"):
             require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
-        require(0 <= self.pad_id < self.vocab_size, f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
+        require(self.pad_id >= 0 and (self.vocab_size == 0 or self.pad_id < self.vocab_size),
+                f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
         d_inner = self.expand * self.d_model
         require(d_inner % self.headdim == 0,
                 f"model.expand * model.d_model ({d_inner}) must be a multiple of model.headdim ({self.headdim})")
