@@ -1,7 +1,7 @@
 """Your own text in one command: train a tokenizer on it (unless --tokenizer) and shard it with a val split.
 
     python data_prep/prepare.py --input 'my/*.txt' --output data/my
-    python launch/train.py --config configs/tiny.json --set data.shards=data/my
+    python launch/train.py --config configs/tiny.json --set data.shards=data/my --set model.vocab_size=4096
 
 Writes OUT/tokenizer/ (tokenizer.model, tokenizer.json) and the shards in OUT as data_prep/shard.py
 does. Re-running the same command reuses the tokenizer and resumes the shards. See dimba/data/prepare.py.
@@ -48,14 +48,15 @@ def main(argv: list[str] | None = None) -> int:
                      workers=args.workers, fmt=args.format, text_mode=args.text_mode, text_key=args.text_key,
                      progress=not args.no_progress, overwrite=args.overwrite, command=command)
     try:
-        prepare_corpus(job)
+        manifest = prepare_corpus(job)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; re-run the same command to continue", file=sys.stderr)
         return 130
-    print(f"ready: python launch/train.py --config configs/tiny.json --set data.shards={args.output}")
+    print(f"ready: python launch/train.py --config configs/tiny.json --set data.shards={args.output} "
+          f"--set model.vocab_size={manifest['vocab_size']}")
     return 0
 
 

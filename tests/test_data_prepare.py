@@ -38,7 +38,7 @@ def prepared(tmp_path_factory) -> Path:
     r = prepare("--input", str(CORPUS / "blake-poems.txt"), str(CORPUS / "carroll-alice.txt"), "--output", str(out),
                 "--vocab-size", "600", "--val-fraction", "0.1")
     assert r.returncode == 0, r.stderr
-    assert f"--set data.shards={out}" in r.stdout
+    assert f"--set data.shards={out} --set model.vocab_size=600" in r.stdout
     return out
 
 
