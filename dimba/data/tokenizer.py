@@ -185,7 +185,8 @@ def add_mask_piece(src_model: str | Path, output_dir: str | Path, command: str =
     """Copy a tokenizer that has no <mask> into DIR with a <mask> CONTROL piece appended, without retraining.
 
     The mask's id is the old vocabulary size; every old piece keeps its id, so encode gives
-    the same ids as before and shards made with the old tokenizer stay valid token for token.
+    the same ids as before (shards are still re-made with it: their manifest names the
+    tokenizer and its size, which the loader checks). Its normalisation is the old one's.
     Writes DIR/tokenizer.model and DIR/tokenizer.json; returns the JSON's content.
     """
     src = Tokenizer(src_model)
@@ -197,7 +198,7 @@ def add_mask_piece(src_model: str | Path, output_dir: str | Path, command: str =
                         "retrain it with data_prep/train_tokenizer.py")
     if (out / MODEL_NAME).resolve() == src.path.resolve():
         raise DataError(f"--output {out} holds the source tokenizer; write the new one to another directory "
-                        "(the old one may have made shards that name its sha256)")
+                        "(shards made with the old one name its sha256)")
     from sentencepiece import sentencepiece_model_pb2
     proto = _model_proto(src.path.read_bytes())
     piece = proto.pieces.add()
