@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from dimba.data.documents import Format, TextMode, check_text_files, expand_inputs, file_sha256
 from dimba.data.errors import DataError
 from dimba.data.sharding import ShardJob, run_shard_job
-from dimba.data.tokenizer import INFO_NAME, MODEL_NAME, train_tokenizer
+from dimba.data.tokenizer import INFO_NAME, MODEL_NAME, train_tokenizer, training_settings
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -45,11 +45,6 @@ class PrepareJob:
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
-def _tokenizer_settings(job: PrepareJob) -> dict:
-    return {"vocab_size": job.vocab_size, "model_type": "bpe", "sample_chars": job.sample_chars, "format": job.fmt,
-            "text_mode": job.text_mode, "text_key": job.text_key, "character_coverage": 0.9995}
-
-
 def _trained_tokenizer(job: PrepareJob, inputs: list[Path]) -> Path:
     """OUT/tokenizer/tokenizer.model trained on the inputs: the one there when it was trained on these inputs
     with these settings, else a new one."""
@@ -60,7 +55,9 @@ def _trained_tokenizer(job: PrepareJob, inputs: list[Path]) -> Path:
             info = json.loads(info_path.read_text())
         except json.JSONDecodeError:
             info = {}
-        same = (info.get("settings") == _tokenizer_settings(job)
+        settings = training_settings(job.vocab_size, sample_chars=job.sample_chars, fmt=job.fmt,
+                                     text_mode=job.text_mode, text_key=job.text_key)
+        same = (info.get("settings") == settings
                 and info.get("trained_on", {}).get("inputs_sha256") == [file_sha256(p) for p in inputs])
         if same:
             job.log(f"reusing {tok_dir / MODEL_NAME}, trained on these inputs with these settings")
