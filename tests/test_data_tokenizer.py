@@ -112,6 +112,8 @@ def test_the_bundled_tokenizer_keeps_text_exactly():
                  " leading and trailing  ", "\n", "\t\t", "", "ﬁ ² Ⅻ café (NFKC would change these)",
                  "naïve 日本 ☃ 🙂", "x<mask>y</s><pad>"]:
         assert tok.decode(tok.encode(text)) == text, repr(text)
+    assert tok.decode(tok.encode("a\u2581b")) == "a b"          # the documented exception: sentencepiece's space
+    assert tok.decode(tok.encode("a\x07b\x00")) == "ab"          # and control characters (see decode)
 
 
 def test_mask_is_a_control_piece_that_encode_never_produces():
