@@ -302,3 +302,17 @@ def test_documents_reader_counts_in_order(tmp_path):
     assert stats.documents == 2 and stats.files == 1
     with pytest.raises(DataError, match="given twice"):
         expand_inputs([str(a), str(tmp_path / "*.txt")])
+
+
+def test_an_old_normalising_tokenizer_still_shards_with_a_warning(tmp_path):
+    import io
+    model = io.BytesIO()
+    lines = [line for line in (CORPUS / "blake-poems.txt").read_text().splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400,
+                                   byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    (tmp_path / "old.model").write_bytes(model.getvalue())        # NFKC, no <mask>: as DIMBA trained them before
+    messages = []
+    manifest = run_shard_job(ShardJob(inputs=[str(CORPUS / "blake-poems.txt")], tokenizer=str(tmp_path / "old.model"),
+                                      output=str(tmp_path / "out"), progress=False, log=messages.append))
+    assert manifest["vocab_size"] == 400 and manifest["totals"]["train"]["documents"] > 200
+    assert any(m.startswith(f"warning: tokenizer {tmp_path}/old.model normalises text (nmt_nfkc") for m in messages)

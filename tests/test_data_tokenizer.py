@@ -112,6 +112,8 @@ def test_the_bundled_tokenizer_keeps_text_exactly():
                  " leading and trailing  ", "\n", "\t\t", "", "ﬁ ² Ⅻ café (NFKC would change these)",
                  "naïve 日本 ☃ 🙂", "x<mask>y</s><pad>"]:
         assert tok.decode(tok.encode(text)) == text, repr(text)
+    assert tok.decode(tok.encode("a\u2581b")) == "a b"          # the documented exception: sentencepiece's space
+    assert tok.decode(tok.encode("a\x07b\x00")) == "ab"          # and control characters (see decode)
 
 
 def test_mask_is_a_control_piece_that_encode_never_produces():
@@ -222,7 +224,7 @@ def test_every_cli_option_has_a_help_line(monkeypatch):
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     scripts = sorted((REPO / "data_prep").glob("*.py"))
-    assert {s.name for s in scripts} >= {"shard.py", "train_tokenizer.py"}
+    assert {s.name for s in scripts} >= {"prepare.py", "shard.py", "train_tokenizer.py"}
     for script in scripts:
         with pytest.raises(Parsed) as got:
             runpy.run_path(str(script))["main"]([])

@@ -2,9 +2,12 @@
 
 No mocks: the real model, objective, clean-mask mixture, sampler and the committed sentencepiece tokenizer. The
 loop is a plain AdamW loop (the DeepSpeed engine has its own tests); 800 full-batch steps take about 90 s on two
-idle cores (82 s measured). Measured when this test was written (seed 0): CE term 10.95 -> 1.18; prompted token
-accuracy 0.905 from a 4-token prompt (position-wise majority baseline 0.078); hidden middles after a 1-token
-prefix 0.768 with the 6-token suffix vs 0.724 without. The assertions leave room below those numbers.
+idle cores (82 s measured). Measured with the exact-text tokenizer (seed 0, OMP_NUM_THREADS=1): CE term
+10.79 -> 1.12; prompted token accuracy 0.953 from a 4-token prompt (position-wise majority baseline 0.097); the
+17 hidden tokens before a 6-token suffix, with nothing given before them, 0.375 with the suffix vs 0.023
+without (sampler seeds 1 / 2: 0.375 / 0.406 vs 0.023 / 0.042). A 1-token prefix is no test of the suffix: 29 of
+the 32 windows' first tokens are unique, so the first token already names the window (0.768 with the suffix vs
+0.825 without; 0.768 vs 0.724 with the old NFKC tokenizer). The assertions leave room below those numbers.
 """
 import math
 from pathlib import Path
@@ -91,14 +94,13 @@ def test_sampling_reproduces_the_training_text_from_a_short_prompt(trained):
 
 def test_infilling_recovers_hidden_middles_better_with_the_suffix(trained):
     cfg, model, schedule, toks, _ = trained
-    prefix_only = torch.zeros_like(toks, dtype=torch.bool)
-    prefix_only[:, :1] = True                      # one given token: ambiguous on its own, the suffix decides
-    framed = prefix_only.clone()
-    framed[:, L - 6:] = True
+    nothing = torch.zeros_like(toks, dtype=torch.bool)   # no prefix: a first token would name the window itself
+    framed = nothing.clone()
+    framed[:, L - 6:] = True                   # the suffix alone has to say which of the 32 windows this is
     middle = ~framed
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     with_suffix = accuracy(sample(model, schedule, cfg.sampling, N, L, toks, framed, g()), toks, middle)
-    without = accuracy(sample(model, schedule, cfg.sampling, N, L, toks, prefix_only, g()), toks, middle)
-    print(f"hidden-middle token accuracy: with suffix {with_suffix:.3f}, prefix only {without:.3f}")
-    assert with_suffix >= 0.5
-    assert with_suffix > without
+    without = accuracy(sample(model, schedule, cfg.sampling, N, L, toks, nothing, g()), toks, middle)
+    print(f"hidden-middle token accuracy: with suffix {with_suffix:.3f}, nothing given {without:.3f}")
+    assert with_suffix >= 0.25
+    assert with_suffix >= 5 * without

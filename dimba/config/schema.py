@@ -30,7 +30,7 @@ DEEPSPEED_OWNED_KEYS = {
 class ModelConfig:
     """The shared backbone (bidirectional or causal Mamba-2 blocks) and the heads' sizes; which heads sit on it is
     the objective's choice (the top-level `objective` field, dimba/objectives/)."""
-    vocab_size: int = 8192
+    vocab_size: int = 0          # 0: the shards' tokenizer's (manifest.json), filled in at launch
     pad_id: int = 0
     mask_id: int = -1            # masked objective: the tokenizer's <mask> id (-1: read from the tokenizer at launch)
     d_model: int = 256
@@ -58,11 +58,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "d_embed", "d_state", "d_conv", "expand", "headdim",
+        require(self.vocab_size >= 0, f"model.vocab_size must be positive (or 0: the shards'), got {self.vocab_size}")
+        for name in ("d_model", "n_layers", "d_embed", "d_state", "d_conv", "expand", "headdim",
                      "ngroups", "chunk_size"):
             require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
-        require(0 <= self.pad_id < self.vocab_size, f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
-        require(self.mask_id == -1 or (0 <= self.mask_id < self.vocab_size and self.mask_id != self.pad_id),
+        require(self.pad_id >= 0 and (self.vocab_size == 0 or self.pad_id < self.vocab_size),
+                f"model.pad_id must be in [0, vocab_size), got {self.pad_id}")
+        require(self.mask_id == -1 or (self.mask_id >= 0 and self.mask_id != self.pad_id
+                                       and (self.vocab_size == 0 or self.mask_id < self.vocab_size)),
                 f"model.mask_id must be -1 (the tokenizer's <mask>) or an id in [0, vocab_size) other than pad_id, "
                 f"got {self.mask_id}")
         d_inner = self.expand * self.d_model

@@ -299,6 +299,9 @@ def run_shard_job(job: ShardJob) -> dict:
     inputs = expand_inputs(job.inputs)
     check_text_files(inputs, job.fmt)
     tok = Tokenizer(job.tokenizer)
+    if tok.normalizes:
+        job.log(f"warning: tokenizer {tok.path} normalises text ({tok.normalization}), so decoded shards differ "
+                "from the input; data_prep/train_tokenizer.py trains one that keeps text exactly")
     out = Path(job.output)
     fingerprint = _fingerprint(job, inputs, tok)
     finished = _prepare_output(job, out, fingerprint)

@@ -86,6 +86,7 @@ class Tokenizer:
         spec = _model_proto(self._data).normalizer_spec
         # True for a tokenizer trained before DIMBA kept text exactly (NFKC, whitespace collapsed)
         self.normalizes: bool = spec.name != "identity" or spec.remove_extra_whitespaces
+        self._rule = spec.name
         # per id: its byte (0-255) for a <0xNN> byte piece, else -1; and whether encode never emits it
         n = self.sp.vocab_size()
         self._byte = [int(self.sp.id_to_piece(i)[3:5], 16) if self.sp.is_byte(i) else -1 for i in range(n)]
@@ -103,7 +104,9 @@ class Tokenizer:
 
     @property
     def normalization(self) -> str:
-        return OLD_NFKC if self.normalizes else EXACT_TEXT
+        if not self.normalizes:
+            return EXACT_TEXT
+        return OLD_NFKC if self._rule == "nmt_nfkc" else f"{self._rule} (sentencepiece's rule of that name)"
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, no BOS/EOS added."""
@@ -185,7 +188,8 @@ def add_mask_piece(src_model: str | Path, output_dir: str | Path, command: str =
     """Copy a tokenizer that has no <mask> into DIR with a <mask> CONTROL piece appended, without retraining.
 
     The mask's id is the old vocabulary size; every old piece keeps its id, so encode gives
-    the same ids as before and shards made with the old tokenizer stay valid token for token.
+    the same ids as before (shards are still re-made with it: their manifest names the
+    tokenizer and its size, which the loader checks). Its normalisation is the old one's.
     Writes DIR/tokenizer.model and DIR/tokenizer.json; returns the JSON's content.
     """
     src = Tokenizer(src_model)
@@ -197,7 +201,7 @@ def add_mask_piece(src_model: str | Path, output_dir: str | Path, command: str =
                         "retrain it with data_prep/train_tokenizer.py")
     if (out / MODEL_NAME).resolve() == src.path.resolve():
         raise DataError(f"--output {out} holds the source tokenizer; write the new one to another directory "
-                        "(the old one may have made shards that name its sha256)")
+                        "(shards made with the old one name its sha256)")
     from sentencepiece import sentencepiece_model_pb2
     proto = _model_proto(src.path.read_bytes())
     piece = proto.pieces.add()
@@ -224,6 +228,14 @@ def _training_sentences(docs: Iterable[str], keep: float) -> Iterator[str]:
             continue
         for i in range(0, len(doc), MAX_SENTENCE_CHARS):
             yield doc[i:i + MAX_SENTENCE_CHARS]
+
+
+def training_settings(vocab_size: int, model_type: str = "bpe", sample_chars: int = 100_000_000,
+                      fmt: Format = "auto", text_mode: TextMode = "blocks", text_key: str = "text",
+                      character_coverage: float = 0.9995) -> dict:
+    """The settings tokenizer.json records (with the inputs' sha256, what makes a training the same one)."""
+    return {"vocab_size": vocab_size, "model_type": model_type, "sample_chars": sample_chars, "format": fmt,
+            "text_mode": text_mode, "text_key": text_key, "character_coverage": character_coverage}
 
 
 def train_tokenizer(inputs: list[Path], vocab_size: int, output_dir: str | Path, model_type: str = "bpe",
@@ -268,8 +280,7 @@ def train_tokenizer(inputs: list[Path], vocab_size: int, output_dir: str | Path,
                         f"({str(e).strip()}); use a smaller --vocab-size or more text") from None
     for line in stats.summary_lines():
         stats.warn(line)
-    settings = {"vocab_size": vocab_size, "model_type": model_type, "sample_chars": sample_chars, "format": fmt,
-                "text_mode": text_mode, "text_key": text_key, "character_coverage": character_coverage}
+    settings = training_settings(vocab_size, model_type, sample_chars, fmt, text_mode, text_key, character_coverage)
     info = _write_tokenizer(
         Path(output_dir), model.getvalue(), model_type=model_type, settings=settings,
         trained_on={"inputs": [str(p) for p in inputs], "inputs_sha256": [file_sha256(p) for p in inputs],

@@ -39,6 +39,9 @@ def get_objective(cfg: Config) -> Objective:
 
 def build_model(cfg: Config) -> nn.Module:
     """The model of the config's objective (its heads on the shared backbone)."""
+    if cfg.model.vocab_size == 0:
+        raise ConfigError("model.vocab_size is 0, which launch/train.py fills in from the shards' tokenizer; set it "
+                          "to build a model outside training")
     return get_objective(cfg).build_model()
 
 

@@ -33,7 +33,9 @@ def open_tokenizer(cfg: Config):
     """The run's tokenizer, checked against the model config; fills in model.mask_id from its <mask> piece when
     the objective needs one and the config leaves it unset (-1)."""
     from dimba.data.loader import load_tokenizer
-    tok = load_tokenizer(cfg.data)
+    tok = load_tokenizer(cfg.data)     # checked against the shards' manifest
+    if cfg.model.vocab_size == 0:      # unset: the shards decide
+        cfg.model.vocab_size = tok.vocab_size
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but tokenizer {tok.path} has {tok.vocab_size} "
                           f"pieces; set --set model.vocab_size={tok.vocab_size}")

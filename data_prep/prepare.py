@@ -1,0 +1,64 @@
+"""Your own text in one command: train a tokenizer on it (unless --tokenizer) and shard it with a val split.
+
+    python data_prep/prepare.py --input 'my/*.txt' --output data/my
+    python launch/train.py --config configs/tiny.json --set data.shards=data/my --set model.vocab_size=4096
+
+Writes OUT/tokenizer/ (tokenizer.model, tokenizer.json) and the shards in OUT as data_prep/shard.py
+does. Re-running the same command reuses the tokenizer and resumes the shards. See dimba/data/prepare.py.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dimba.data.errors import DataError  # noqa: E402
+from dimba.data.prepare import PrepareJob, prepare_corpus  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="text or JSONL files or globs (.gz accepted)")
+    p.add_argument("--output", required=True, help="folder for the tokenizer and the shards")
+    p.add_argument("--tokenizer", default=None,
+                   help="use this tokenizer.model instead of training one on the inputs")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="pieces of the trained tokenizer (default 4096; smaller for a small corpus)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of documents (chosen by a hash of their text) for val (default 0.05)")
+    p.add_argument("--shard-tokens", type=int, default=2_000_000, help="tokens per shard, about (default 2e6)")
+    p.add_argument("--sample-chars", type=int, default=100_000_000,
+                   help="train the tokenizer on a hash-chosen sample of about this many characters (default 1e8)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (default 0: all cores)")
+    p.add_argument("--format", choices=["auto", "text", "jsonl"], default="auto",
+                   help="auto: .jsonl/.ndjson/.json(.gz) are JSONL, the rest text")
+    p.add_argument("--text-mode", choices=["blocks", "lines"], default="blocks",
+                   help="text files: one document per blank-line-separated block (default), or per line")
+    p.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a tokenizer and shards of other inputs or settings in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
+    job = PrepareJob(inputs=args.input, output=args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                     val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, sample_chars=args.sample_chars,
+                     workers=args.workers, fmt=args.format, text_mode=args.text_mode, text_key=args.text_key,
+                     progress=not args.no_progress, overwrite=args.overwrite, command=command)
+    try:
+        manifest = prepare_corpus(job)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; re-run the same command to continue", file=sys.stderr)
+        return 130
+    print(f"ready: python launch/train.py --config configs/tiny.json --set data.shards={args.output} "
+          f"--set model.vocab_size={manifest['vocab_size']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
