@@ -674,6 +674,9 @@ def main() -> int:
                     help="extra masked DIMBA training override (a lever to try; use a new --out)")
     ap.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra training override for every model (e.g. training.max_steps=800: more tokens)")
+    ap.add_argument("--scale-set", action="append", default=[], metavar="FIELD=JSON",
+                    help="change one of the scale's eval settings, e.g. --scale-set 'steps=[8,32]' "
+                         "--scale-set 'guidance=[1.0,2.0]' (fields of Scale: samples, prompts, steps, ...)")
     ap.add_argument("--models", default=",".join(MODELS),
                     help=f"which models to train and compare, comma-separated (default {','.join(MODELS)}; ar always)")
     ap.add_argument("--ar-from", default=None, metavar="OUT",
@@ -694,6 +697,14 @@ def main() -> int:
         sys.exit(f"--models: unknown {sorted(bad)}; choose from {','.join(MODELS)}")
     scale = replace(scale, train=scale.train + args.train_set, gaussian=scale.gaussian + args.gaussian_set,
                     masked=scale.masked + args.masked_set)
+    for item in args.scale_set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(Scale)} or key in ("config", "train", "gaussian", "masked"):
+            sys.exit(f"--scale-set {item!r}: not an eval setting of the scale; see Scale in {__file__}")
+        try:
+            scale = replace(scale, **{key: json.loads(value)})
+        except json.JSONDecodeError:
+            sys.exit(f"--scale-set {item!r}: the value must be JSON, e.g. 'steps=[8,32]'")
     out = Path(args.out or ROOT / "runs" / f"compare-{args.scale}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.ar_from:

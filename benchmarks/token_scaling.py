@@ -69,7 +69,7 @@ def budget_row(report: dict, model: str = "gaussian") -> dict:
     gen = report.get("generation")
     if gen:
         ar = next(r for r in gen if r["model"] == "ar")
-        q = compare_ar.best_qualifying(gen, model)
+        q = compare_ar.best_qualifying(gen, model if name == model else "gaussian")    # "dimba": the Gaussian
         row.update(ar_gen_ppl=ar.get("gen_ppl"), ar_entropy=ar["unigram_entropy_bits"],
                    dimba_gen_ppl=q["gen_ppl"] if q else None, dimba_gen_steps=q["steps"] if q else None,
                    dimba_entropy=q["unigram_entropy_bits"] if q else None,

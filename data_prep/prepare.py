@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dimba.data.errors import DataError  # noqa: E402
 from dimba.data.prepare import PrepareJob, prepare_corpus  # noqa: E402
+from dimba.data.sharding import add_shard_arguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,20 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this tokenizer.model instead of training one on the inputs")
     p.add_argument("--vocab-size", type=int, default=4096,
                    help="pieces of the trained tokenizer (default 4096; smaller for a small corpus)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="fraction of documents (chosen by a hash of their text) for val (default 0.05)")
-    p.add_argument("--shard-tokens", type=int, default=2_000_000, help="tokens per shard, about (default 2e6)")
     p.add_argument("--sample-chars", type=int, default=100_000_000,
                    help="train the tokenizer on a hash-chosen sample of about this many characters (default 1e8)")
-    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (default 0: all cores)")
-    p.add_argument("--format", choices=["auto", "text", "jsonl"], default="auto",
-                   help="auto: .jsonl/.ndjson/.json(.gz) are JSONL, the rest text")
-    p.add_argument("--text-mode", choices=["blocks", "lines"], default="blocks",
-                   help="text files: one document per blank-line-separated block (default), or per line")
-    p.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    add_shard_arguments(p, val_fraction=0.05)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a tokenizer and shards of other inputs or settings in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     job = PrepareJob(inputs=args.input, output=args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dimba.data.errors import DataError  # noqa: E402
-from dimba.data.sharding import ShardJob, run_shard_job  # noqa: E402
+from dimba.data.sharding import ShardJob, add_shard_arguments, run_shard_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,17 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", required=True, help="text or JSONL files or globs (.gz accepted)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model from data_prep/train_tokenizer.py")
     p.add_argument("--output", required=True, help="shard directory")
-    p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="fraction of documents (chosen by a hash of their text) for val (default 0.01)")
-    p.add_argument("--shard-tokens", type=int, default=2_000_000, help="tokens per shard, about (default 2e6)")
-    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (default 0: all cores)")
-    p.add_argument("--format", choices=["auto", "text", "jsonl"], default="auto",
-                   help="auto: .jsonl/.ndjson/.json(.gz) are JSONL, the rest text")
-    p.add_argument("--text-mode", choices=["blocks", "lines"], default="blocks",
-                   help="text files: one document per blank-line-separated block (default), or per line")
-    p.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    add_shard_arguments(p, val_fraction=0.01)
     p.add_argument("--overwrite", action="store_true", help="delete shards of another job in --output first")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     job = ShardJob(inputs=args.input, tokenizer=args.tokenizer, output=args.output, val_fraction=args.val_fraction,

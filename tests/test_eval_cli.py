@@ -83,7 +83,7 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
         assert v is not None, f"{where} is null"
         if isinstance(v, float):
             assert math.isfinite(v), where
-    assert report["model"]["kind"] == "dimba" and report["model"]["step"] == STEP and report["warnings"] == []
+    assert report["model"]["objective"] == "gaussian" and report["model"]["step"] == STEP and report["warnings"] == []
     lik = report["likelihood"]
     assert lik["kind"] == "elbo_upper_bound" and lik["t_samples"] == 4 and lik["self_conditioning"] is True
     assert lik["nll_nats_per_token"] == pytest.approx(lik["reconstruction"] + lik["diffusion"] + lik["prior"])
@@ -106,6 +106,7 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
         assert row["gen_ppl"] > report["reference"]["gen_ppl"]    # a 30-step model writes worse than the books
     for row in report["prompted"]:
         assert row["prompts"] == 4 and row["prompt_len"] == 32 and 0 <= row["bleu"] <= 100
+        assert math.isfinite(row["prompt_gain_nats"]) and row["continuation_tokens"] > 0      # a judge was given
         assert {"rouge1_f", "rouge2_f", "rougeL_f"} <= set(row) and row["examples"][0]["truth"]
     for row in report["infill"]:
         assert row["middle_len"] == 32 and row["prefix_len"] == row["suffix_len"] == 16
@@ -132,7 +133,7 @@ def test_eval_of_the_ar_twin_reports_its_exact_perplexity(models, tmp_path):
     assert lik["kind"] == "exact" and lik["tokens"] == 8 * 63
     assert lik["ppl"] == pytest.approx(math.exp(lik["nll_nats_per_token"])) and lik["ppl"] < 4096
     assert "denoising_by_t" not in report and "context_by_snr" not in report and report["judge"] is None
-    assert [(r["steps"], r["sampler"]) for r in report["generation"]] == [(64, "ar-recurrent")]
+    assert [(r["steps"], r["sampler"]) for r in report["generation"]] == [(64, "recurrent")]
     assert report["prompted"][0]["continuation_len"] == 32 and report["speed"][0]["tokens_per_s"] > 0
     assert "with_suffix" not in report["infill"][0] and report["infill"][0]["prefix_only"]["token_accuracy"] >= 0
     assert Path(out.with_suffix(".png")).is_file()

@@ -177,3 +177,14 @@ def test_python_api_loads_and_writes_text(uninterrupted, tmp_path):
         m.generate("x", temprature=0.5)
     with pytest.raises(ModelLoadError, match="holds no complete checkpoint"):
         load(tmp_path)
+
+
+def test_masked_resumes_under_zero3_and_validates_with_the_ema(bundled_shards, tmp_path):
+    """ZeRO-3: a resumed masked run's first validation swaps the EMA into parameters a module may still hold (the
+    small, persistent ones), which once failed with DeepSpeed's 'Cannot free a ZeRO-3 parameter'."""
+    run_dir = tmp_path / "r"
+    for steps in (4, 6):
+        proc = run(objective_cmd(run_dir, bundled_shards, "masked", "--set", "deepspeed.zero_optimization.stage=3",
+                                 "--set", f"training.max_steps={steps}", "--set", "evaluation.val_every=3"))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 6 val" in proc.stdout

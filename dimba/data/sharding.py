@@ -398,3 +398,17 @@ def _manifest(job: ShardJob, tok: Tokenizer, dtype: np.dtype, shards: dict[str, 
         "job": fingerprint,
         "command": job.command,
     }
+
+
+def add_shard_arguments(parser, val_fraction: float) -> None:
+    """The reading and sharding options data_prep/shard.py and data_prep/prepare.py share (ShardJob's fields)."""
+    parser.add_argument("--val-fraction", type=float, default=val_fraction,
+                        help=f"fraction of documents (chosen by a hash of their text) for val (default {val_fraction})")
+    parser.add_argument("--shard-tokens", type=int, default=2_000_000, help="tokens per shard, about (default 2e6)")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizing processes (default 0: all cores)")
+    parser.add_argument("--format", choices=["auto", "text", "jsonl"], default="auto",
+                        help="auto: .jsonl/.ndjson/.json(.gz) are JSONL, the rest text")
+    parser.add_argument("--text-mode", choices=["blocks", "lines"], default="blocks",
+                        help="text files: one document per blank-line-separated block (default), or per line")
+    parser.add_argument("--text-key", default="text", help="JSONL field holding the text (default 'text')")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -99,10 +99,11 @@ class EMA:
         import deepspeed
         for p, v in zip(self.params, tensors):
             value = v if full else self._gather(v, p)
-            if getattr(p, "ds_persist", False):
-                # ZeRO-3 keeps small parameters whole on every rank (param_persistence_threshold): write them in
-                # place on each rank. Re-partitioning one on the way out of GatheredParameters fails when a module
-                # still holds it ("Cannot free a ZeRO-3 parameter while it is still active"), as after a resume.
+            if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel:
+                # ZeRO-3 keeps small parameters whole on every rank once gathered (param_persistence_threshold):
+                # write such a one in place on each rank. Re-partitioning it on the way out of GatheredParameters
+                # fails while a module still holds it ("Cannot free a ZeRO-3 parameter while it is still active"),
+                # as on a resumed run's first validation.
                 p.data.copy_(value.to(p.device, p.dtype))
                 continue
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):

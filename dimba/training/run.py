@@ -39,17 +39,15 @@ def open_tokenizer(cfg: Config):
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but tokenizer {tok.path} has {tok.vocab_size} "
                           f"pieces; set --set model.vocab_size={tok.vocab_size}")
-    if cfg.objective == "masked":
+    if cfg.objective == "masked":      # the [MASK] id must be one no text encodes to: the tokenizer's <mask>
         mask_id = getattr(tok, "mask_id", None)
-        if cfg.model.mask_id < 0:
-            if mask_id is None:
-                raise ConfigError(f"the masked objective needs a [MASK] id and tokenizer {tok.path} has no <mask> "
-                                  "piece; add one with `python data_prep/train_tokenizer.py --add-mask` (then "
-                                  "reshard), or set model.mask_id")
-            cfg.model.mask_id = mask_id
-        elif mask_id is not None and mask_id != cfg.model.mask_id:
+        if mask_id is None:
+            raise ConfigError(f"the masked objective needs a [MASK] id and tokenizer {tok.path} has no <mask> "
+                              "piece; add one with `python data_prep/train_tokenizer.py --add-mask` (then reshard)")
+        if cfg.model.mask_id >= 0 and cfg.model.mask_id != mask_id:
             raise ConfigError(f"model.mask_id is {cfg.model.mask_id} but tokenizer {tok.path} has <mask> at "
-                              f"{mask_id}; leave model.mask_id at -1 to use the tokenizer's")
+                              f"{mask_id}; set model.mask_id={mask_id} (or -1: the tokenizer's)")
+        cfg.model.mask_id = mask_id
     return tok
 
 
