@@ -82,7 +82,8 @@ elif [ "$MODE" = compare ]; then
   STEPS=$($PY -c "import json; r = json.load(open('$OUT/probe.json'))[0]; print(max(20, int($BUDGET / r['step_s'])))") \
     || { echo "no throughput probe: not starting the comparison"; exit 1; }
   echo "fitting $BUDGET s of DIMBA training: $STEPS steps for each model"
-  step compare $((3 * BUDGET + 300)) $PY benchmarks/compare_ar.py --scale $SCALE --judge none \
+  SLACK=300; [ "$GPU" = 1 ] || SLACK=900       # a CPU dry run trains and evaluates three toy models
+  step compare $((3 * BUDGET + SLACK)) $PY benchmarks/compare_ar.py --scale $SCALE --judge none \
     --out "$RUNS/compare-$SCALE" "${CORPUS[@]}" \
     --sections likelihood,context,generation,speed --set "training.max_steps=$STEPS" \
     --set "training.warmup_steps=$((STEPS / 10 + 1))" --set "training.checkpoint_every=$STEPS" \
