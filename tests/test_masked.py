@@ -195,3 +195,17 @@ def test_refusals_name_what_to_do():
         get_objective(make()).sampling(SamplingConfig(sampler="ddim"))
     with pytest.raises(ConfigError, match="does not belong to objective 'masked'"):
         make(sampling={"sampler": "ddpm"})
+
+
+def test_padding_and_mask_ids_in_the_data_are_never_scored():
+    """Real text never holds the mask id, random or foreign data may: such positions are skipped like padding, so
+    the loss stays finite (a masked position whose true token is [MASK] would cost -log 0)."""
+    obj = get_objective(make(masked={"cond_dropout": 0.5}))
+    tokens = torch.randint(5, V, (16, 32))
+    tokens[:, ::5] = MASK
+    tokens[:, -3:] = 0
+    clean = torch.zeros_like(tokens, dtype=torch.bool)
+    clean[:, :8] = True
+    r = obj.loss(Flat(), {"tokens": tokens, "clean": clean}, make_draw(0, 0, 16, 16))
+    assert torch.isfinite(r.loss) and all(torch.isfinite(v) for v in r.metrics.values())
+    assert r.tokens <= ((tokens != MASK) & (tokens != 0)).sum()

@@ -51,11 +51,13 @@ class MaskedObjective(Objective):
     def loss(self, model: nn.Module, batch: dict, draw: Draw, training: bool = True) -> LossResult:
         device = next(model.parameters()).device
         tokens, clean = batch["tokens"].to(device), batch["clean"].to(device)
-        scorable = ~clean & (tokens != self.cfg.model.pad_id)
-        masks = draw_masks(draw.seeds, draw.u, scorable, clean, self.mcfg.t_eps, self.mcfg.cond_dropout)
+        # a [MASK] id in the data (never in text a <mask>-aware tokenizer encodes) is scored like padding: not at all
+        valid = (tokens != self.cfg.model.pad_id) & (tokens != self.mask_id)
+        scorable = ~clean & valid
+        masks = draw_masks(draw.seeds, draw.u, scorable, clean & valid, self.mcfg.t_eps, self.mcfg.cond_dropout)
         loss, metrics, per_sample = masked_nelbo(model, tokens, clean, masks, self.mask_id, self.cfg.model.pad_id,
                                                  self.mcfg.time_conditioning)
-        scored = (~(clean & ~masks.drop_cond.unsqueeze(-1)) & (tokens != self.cfg.model.pad_id)).sum()
+        scored = (~(clean & ~masks.drop_cond.unsqueeze(-1)) & valid).sum()
         return LossResult(loss, metrics, scored, {"t": masks.t, "nelbo_sum": per_sample})
 
     def sample_frame(self, model, tokens, clean, sampling, generator, device, on_step=None) -> torch.Tensor:

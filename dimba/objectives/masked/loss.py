@@ -65,7 +65,7 @@ def masked_nelbo(model, tokens: torch.Tensor, clean: torch.Tensor, draw: MaskDra
     by the scored tokens. Metrics: loss, ce (mean CE over masked tokens), acc (argmax on masked tokens),
     mask_frac, tokens."""
     clean = clean & ~draw.drop_cond.unsqueeze(-1)
-    scored = ~clean & (tokens != pad_id)
+    scored = ~clean & (tokens != pad_id) & (tokens != mask_id)
     x_t = torch.where(draw.masked, torch.full_like(tokens, mask_id), tokens)
     logits = model(x_t, draw.t if time_conditioning else None)
     log_p = subs_log_probs(logits, mask_id)
@@ -91,7 +91,7 @@ def nelbo_per_sequence(model, tokens: torch.Tensor, clean: torch.Tensor, mask_id
     `t_samples` stratified times t_k = (k + u) / K, u ~ U(0, 1) per sequence, over the whole of (0, 1) (an
     unbiased estimate of the continuous-time bound, no t_eps cut-off), one mask draw per time."""
     b, length = tokens.shape
-    scored = ~clean & (tokens != pad_id)
+    scored = ~clean & (tokens != pad_id) & (tokens != mask_id)
     total = torch.zeros(b, dtype=torch.float64)
     base = torch.rand(b, generator=generator, dtype=torch.float64)
     for k in range(t_samples):
