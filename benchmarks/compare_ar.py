@@ -123,10 +123,9 @@ SCALES = {
                         "evaluation.val_every=200", "logging.log_every=20", "data.seq_len=128",
                         "deepspeed.train_micro_batch_size_per_gpu=16", *COMMON_EVAL]),
     # A 53 M-parameter DIMBA on one GPU, bf16, on the whole 43 MB corpus (11.2 M train tokens): 3000 steps x 64 x
-    # 256 = 49 M tokens per model by default; a lent GPU (15 minutes a task) runs fewer, fitted to a time budget by
-    # benchmarks/gpu/run.sh (not yet run: no GPU was lent to the sessions that wrote it). The GPU machine reaches no
-    # registry or data: benchmarks/gpu/prepare.sh writes the shards and wheels to carry; without the judge there,
-    # evaluate with --judge none.
+    # 256 = 49 M tokens per model by default; benchmarks/gpu/run.sh compare S runs fewer, fitted to S seconds of
+    # training (not yet run on a GPU). A GPU machine without network access gets its shards and wheels from
+    # benchmarks/gpu/prepare.sh; without the judge there, evaluate with --judge none.
     "gpu": Scale(config="configs/tiny.json", ranks=None,
                  train=["model.d_model=640", "model.n_layers=8", "model.d_embed=128", "model.d_state=64",
                         "model.headdim=64", "model.chunk_size=256", "data.seq_len=256", "data.num_workers=4",

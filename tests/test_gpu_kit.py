@@ -1,5 +1,5 @@
-"""The lent-GPU kit (benchmarks/gpu/run.sh) as a dry run on this CPU: the same script, steps and outputs as on the
-device, at toy sizes. It cannot show GPU numbers; it keeps the one call a GPU session gets from failing on
+"""The GPU kit (benchmarks/gpu/run.sh) as a dry run on this CPU: the same script, steps and outputs as on one GPU,
+at toy sizes. It cannot show GPU numbers; it keeps a run on a GPU from failing on
 plumbing (a renamed flag, a missing output, the step fitting of `compare`)."""
 import json
 

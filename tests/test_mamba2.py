@@ -221,7 +221,7 @@ def test_bf16_smoke():
 
 
 # ---- only where the gpu extra and a GPU exist: parity with mamba_ssm itself ----
-# (benchmarks/gpu/run.sh runs these on a lent GPU; CI has none)
+# (benchmarks/gpu/run.sh runs these on one GPU; CI has none)
 
 needs_fused = pytest.mark.skipif(not fused_available(), reason="needs CUDA and mamba-ssm's Triton kernels (gpu extra)")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run HERE (a CPU machine with the project set up), before a GPU lease: puts into .whl/ the Python 3.12 wheels that
-# the lent H200's image lacks (it reaches no registry) and writes the GPU-scale shards of benchmarks/compare_ar.py.
-# Then, on the device tool: run `bash benchmarks/gpu/run.sh check` with carry [".whl", "runs/compare-gpu/shards"]
+# Run on a machine with network access and the project set up, for a GPU machine without it: puts into .whl/ the
+# Python 3.12 wheels that machine's image lacks and writes the GPU-scale shards of benchmarks/compare_ar.py.
+# Then, on the GPU machine, with .whl/ and runs/compare-gpu/shards copied over: `bash benchmarks/gpu/run.sh check`
 # (benchmarks/gpu/run.sh says what it measures). Idempotent; about a minute the first time.
 #
 # The image has torch, triton, einops, numpy, sentencepiece, safetensors, tensorboard, transformers, sacrebleu,

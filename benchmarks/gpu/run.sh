@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# What only a GPU answers, in one call of the device tool (a lease is 15 minutes in all, start included).
+# What only a GPU answers, each mode within 10 minutes on one GPU.
 #
-#   here first:  bash benchmarks/gpu/prepare.sh        (wheels -> .whl/, GPU-scale shards -> runs/compare-gpu/shards)
-#   device run:  bash benchmarks/gpu/run.sh check      carry [".whl"]             at most 9.5 minutes (limits)
-#                bash benchmarks/gpu/run.sh compare S  carry [".whl", "runs/compare-gpu/shards"]
-#                                                      S seconds of DIMBA training, as many steps for the AR twin;
+#   beforehand:  bash benchmarks/gpu/prepare.sh        (wheels -> .whl/, GPU-scale shards -> runs/compare-gpu/shards)
+#   on the GPU:  bash benchmarks/gpu/run.sh check      needs .whl/                at most 9.5 minutes (limits)
+#                bash benchmarks/gpu/run.sh compare S  needs .whl/ and runs/compare-gpu/shards
+#                                                      S seconds of DIMBA training, as many steps for each model;
 #                                                      at most 3 S seconds + 7.5 minutes (limits): S <= 90
 #
 # check:   1 install the carried wheels; the GPU, torch and what the fused mixer path runs on
