@@ -99,7 +99,7 @@ def test_loss_of_a_flat_model_is_log_v_minus_one_on_average():
     r = obj.loss(model, batch, make_draw(0, 0, 256, 256))
     assert r.loss.item() == pytest.approx(math.log(V - 1), rel=0.05)
     assert r.metrics["ce"].item() == pytest.approx(math.log(V - 1), rel=1e-5)
-    assert set(r.metrics) == {"loss", "ce", "acc", "mask_frac"} and r.per_sample["nelbo_sum"].shape == (256,)
+    assert set(r.metrics) == {"loss", "ce", "acc", "mask_frac"} and r.per_sample == {}    # no learned state
     r.loss.backward()                                                 # differentiable through the model
 
 
@@ -208,4 +208,3 @@ def test_padding_and_mask_ids_in_the_data_are_never_scored():
     clean[:, :8] = True
     r = obj.loss(Flat(), {"tokens": tokens, "clean": clean}, make_draw(0, 0, 16, 16))
     assert torch.isfinite(r.loss) and all(torch.isfinite(v) for v in r.metrics.values())
-    assert r.tokens <= ((tokens != MASK) & (tokens != 0)).sum()

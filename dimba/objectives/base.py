@@ -19,6 +19,7 @@ redraws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional
 
@@ -36,7 +37,6 @@ class LossResult:
     own learned state (`observe`), never logged."""
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
-    tokens: torch.Tensor                                   # scored tokens in this micro-batch
     per_sample: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -90,8 +90,8 @@ def frame(requests: list[Request], device="cpu") -> tuple[torch.Tensor, torch.Te
     return tokens.to(device), clean.to(device)
 
 
-class Objective:
-    """Base of the objectives; see the module doc. Subclasses set `name`, `samplers` and the methods below."""
+class Objective(abc.ABC):
+    """Base of the objectives; see the module doc. Subclasses set `name`, `samplers` and the abstract methods."""
     name: ClassVar[str] = ""
     samplers: ClassVar[tuple[str, ...]] = ()           # the first is the default
     uses_suffix: ClassVar[bool] = True                 # False: generation reads the prefix only (AR)
@@ -103,19 +103,22 @@ class Objective:
         self.cfg = cfg
 
     # ---- model ------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The heads on the backbone."""
 
     def init_model(self, model: nn.Module, unigram_log_probs: Callable[[], Optional[object]]) -> None:
         """Data-dependent initialisation; `unigram_log_probs()` reads the train split's unigram log-probabilities
         (V,) (None: no train split), only if called."""
 
+    @abc.abstractmethod
     def flops_per_token(self) -> float:
-        raise NotImplementedError
+        """Training FLOPs per token (forward + backward) for MFU."""
 
     # ---- training ---------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: dict, draw: Draw, training: bool = True) -> LossResult:
-        raise NotImplementedError
+        """One micro-batch's loss; `training` False for validation (no learned state is used or changed)."""
 
     def observe(self, result: LossResult) -> None:
         """See each training micro-batch's result (learned state)."""
@@ -150,8 +153,9 @@ class Objective:
     def sample_frame(self, model: nn.Module, tokens: torch.Tensor, clean: torch.Tensor, sampling: SamplingConfig,
                      generator: torch.Generator, device, on_step: Optional[Callable[[int, int], None]] = None
                      ) -> torch.Tensor:
-        """Fill the positions not `clean` of (B, L) `tokens`; returns (B, L) tokens (clean ones unchanged)."""
-        raise NotImplementedError
+        """Fill the positions not `clean` of (B, L) `tokens`; returns (B, L) tokens (clean ones unchanged). Needed by
+        the default `generate`; an objective that only continues a prefix (AR) overrides `generate` instead."""
+        raise TypeError(f"the {self.name} objective does not fill frames; it continues prefixes (generate)")
 
     def generate(self, model: nn.Module, requests: list[Request], sampling: SamplingConfig,
                  generator: torch.Generator, device, on_step: Optional[Callable[[int, int], None]] = None
@@ -170,9 +174,9 @@ class Objective:
         return self.sampling(replace(sampling, steps=steps) if self.parallel else sampling)
 
     # ---- evaluation -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def likelihood(self, model: nn.Module, batches: list[dict], t_samples: int, seed: int, device) -> dict:
         """NLL on held-out batches: {"kind", "nll_nats_per_token", "bits_per_token", "ppl", ...}."""
-        raise NotImplementedError
 
     def diagnostics(self, model: nn.Module, batches: list[dict], prior, opts, device) -> dict:
         """Extra report sections of this objective (name -> JSON-ready value)."""

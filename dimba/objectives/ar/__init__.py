@@ -40,7 +40,7 @@ class ARObjective(Objective):
         ce = (F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * scored).sum() / n
         with torch.no_grad():
             acc = ((logits.argmax(-1) == target).float() * scored).sum() / n
-        return LossResult(ce, {"loss": ce.detach(), "ce": ce.detach(), "acc": acc}, scored.sum())
+        return LossResult(ce, {"loss": ce.detach(), "ce": ce.detach(), "acc": acc})
 
     def generate(self, model: nn.Module, requests: list[Request], sampling: SamplingConfig,
                  generator: torch.Generator, device, on_step: Optional[Callable[[int, int], None]] = None

@@ -63,8 +63,8 @@ class GaussianObjective(Objective):
         loss, terms = diffusion_loss(model, self.schedule, self.cfg.diffusion, tokens, clean, noise,
                                      self.cfg.model.pad_id)
         per_sample = {k: terms.pop(k) for k in ("t", "ce_sum", "n")}
-        tokens_scored = terms.pop("tokens")
-        return LossResult(loss, terms, tokens_scored, per_sample)
+        terms.pop("tokens")
+        return LossResult(loss, terms, per_sample)
 
     def observe(self, result: LossResult) -> None:
         if self.warp is not None:

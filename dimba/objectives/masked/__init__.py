@@ -55,10 +55,9 @@ class MaskedObjective(Objective):
         valid = (tokens != self.cfg.model.pad_id) & (tokens != self.mask_id)
         scorable = ~clean & valid
         masks = draw_masks(draw.seeds, draw.u, scorable, clean & valid, self.mcfg.t_eps, self.mcfg.cond_dropout)
-        loss, metrics, per_sample = masked_nelbo(model, tokens, clean, masks, self.mask_id, self.cfg.model.pad_id,
-                                                 self.mcfg.time_conditioning)
-        scored = (~(clean & ~masks.drop_cond.unsqueeze(-1)) & valid).sum()
-        return LossResult(loss, metrics, scored, {"t": masks.t, "nelbo_sum": per_sample})
+        loss, metrics = masked_nelbo(model, tokens, clean, masks, self.mask_id, self.cfg.model.pad_id,
+                                     self.mcfg.time_conditioning)
+        return LossResult(loss, metrics)
 
     def sample_frame(self, model, tokens, clean, sampling, generator, device, on_step=None) -> torch.Tensor:
         return sample_masked(model, tokens.to(device), clean.to(device), sampling, self.mask_id,

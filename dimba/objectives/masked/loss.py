@@ -60,10 +60,9 @@ def subs_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 def masked_nelbo(model, tokens: torch.Tensor, clean: torch.Tensor, draw: MaskDraw, mask_id: int, pad_id: int,
-                 time_conditioning: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """(loss, metrics, per-sample NELBO sums (B,)) for one batch: loss = sum over masked tokens of CE / t, divided
-    by the scored tokens. Metrics: loss, ce (mean CE over masked tokens), acc (argmax on masked tokens),
-    mask_frac, tokens."""
+                 time_conditioning: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, metrics) for one batch: loss = sum over masked tokens of CE / t, divided by the scored tokens.
+    Metrics: loss, ce (mean CE over masked tokens), acc (argmax on masked tokens), mask_frac."""
     clean = clean & ~draw.drop_cond.unsqueeze(-1)
     scored = ~clean & (tokens != pad_id) & (tokens != mask_id)
     x_t = torch.where(draw.masked, torch.full_like(tokens, mask_id), tokens)
@@ -72,15 +71,14 @@ def masked_nelbo(model, tokens: torch.Tensor, clean: torch.Tensor, draw: MaskDra
     ce = -log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     m = draw.masked.float()
     ce = torch.where(draw.masked, ce, torch.zeros_like(ce))          # unmasked: carried over, costs nothing
-    per_sample = (ce / draw.t.unsqueeze(-1)).sum(-1)
     n = scored.float().sum().clamp_min(1.0)
-    loss = per_sample.sum() / n
+    loss = (ce / draw.t.unsqueeze(-1)).sum() / n
     with torch.no_grad():
         n_masked = m.sum().clamp_min(1.0)
         metrics = {"loss": loss.detach(), "ce": (ce.sum() / n_masked).detach(),
                    "acc": ((log_p.argmax(-1) == tokens).float() * m).sum() / n_masked,
                    "mask_frac": m.sum() / n}
-    return loss, metrics, per_sample.detach()
+    return loss, metrics
 
 
 @torch.no_grad()
