@@ -72,8 +72,22 @@ rm -f "$RUN_DIR/status.json"
 # srun does not take --cpus-per-task from sbatch in every Slurm version (22.05 does not): pass it on.
 SRUN_ARGS=(--kill-on-bad-exit=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && SRUN_ARGS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-srun "${SRUN_ARGS[@]}" "$PYTHON" launch/train.py --config "$CONFIG" --run-dir "$RUN_DIR" "${SETS[@]}"
+# Each task records its own exit code: with --kill-on-bad-exit, one task failing (exit 2, a config error, say) makes
+# Slurm SIGTERM the others, and srun then reports their 143, which alone reads like a pre-emption during start-up.
+# The wrapper's trap keeps it alive through the signals its rank gets (its rank's are the default ones).
+EXITS="$RUN_DIR/.task-exit-$SLURM_JOB_ID"
+export EXITS_DIR="$EXITS"
+rm -rf "$EXITS" && mkdir -p "$EXITS"
+srun "${SRUN_ARGS[@]}" bash -c 'trap : USR1 USR2 TERM INT; "$@"; rc=$?; echo "$rc" > "$EXITS_DIR/$SLURM_PROCID"
+                                exit "$rc"' task "$PYTHON" launch/train.py --config "$CONFIG" --run-dir "$RUN_DIR" \
+     "${SETS[@]}"
 rc=$?
+failed=$(cat "$EXITS"/* 2>/dev/null | grep -vxE '0|130|138|143' | head -n1)
+rm -rf "$EXITS"
+if [ -n "$failed" ] && { [ "$rc" -eq 138 ] || [ "$rc" -eq 143 ]; }; then
+  echo "[train.sh] a task failed (exit code $failed) and Slurm ended the others (exit code $rc)"
+  rc=$failed
+fi
 
 state=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["state"])' "$RUN_DIR/status.json" \
         2>/dev/null || echo "none")
