@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from compare_ar import SCALES  # noqa: E402
 
 from dimba.config import load_config  # noqa: E402
+from dimba.objectives import OBJECTIVES  # noqa: E402
 from dimba.training.distributed import init_distributed  # noqa: E402
 from dimba.training.engine import GPU_PEAK_FLOPS, measure_matmul_flops  # noqa: E402
 from dimba.training.trainer import Trainer  # noqa: E402
@@ -74,7 +75,7 @@ def bench(config: str, overrides: list[str], steps: int, warmup: int, shards: st
     run_dir.mkdir(parents=True, exist_ok=True)
     if shards:
         from dimba.data.loader import TokenLoader
-        loader = TokenLoader(cfg.data, "train", cfg.micro_batch_size, info.rank, info.world_size)
+        loader = TokenLoader(cfg.data, "train", cfg.micro_batch_size, info.rank, info.world_size, cfg.grad_accum)
     else:
         loader = RandomTokens(cfg.model.vocab_size, cfg.micro_batch_size, cfg.data.seq_len)
     trainer = Trainer(cfg, run_dir, info, loader)
@@ -111,6 +112,8 @@ def main():
     ap.add_argument("--config", nargs="+", default=None, help="configs to time (default configs/tiny.json)")
     ap.add_argument("--scale", choices=sorted(SCALES), default=None,
                     help="time a compare_ar.py scale's DIMBA training setup (its config and overrides) instead")
+    ap.add_argument("--objective", choices=sorted(OBJECTIVES), default=None,
+                    help="with --scale: time this objective (default: the scale config's own)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -121,7 +124,9 @@ def main():
     info = init_distributed()
     if args.scale:
         scale = SCALES[args.scale]
-        configs, overrides = [str(ROOT / scale.config)], [*scale.train, *scale.dimba, *args.overrides]
+        objective = args.objective or load_config(ROOT / scale.config).objective
+        configs = [str(ROOT / scale.config)]
+        overrides = [*scale.train, f"objective={objective}", *getattr(scale, objective, []), *args.overrides]
     else:
         configs, overrides = args.config or ["configs/tiny.json"], args.overrides
     rows = [bench(c, overrides, args.steps, args.warmup, args.shards, info, Path(args.run_root)) for c in configs]

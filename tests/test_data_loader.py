@@ -111,18 +111,54 @@ def test_resume_gives_the_same_batches(shards, workers):
     assert len(json.dumps(states[-1])) < 1000
 
 
+def global_order(cfg: DataConfig, world: int, accumulation: int, batches_per_rank: int) -> list[dict]:
+    """The micro-batches of `world` ranks in global order (micro-batch g = k x world + rank)."""
+    per_rank = [take(TokenLoader(cfg, "train", batch_size=4, rank=r, world_size=world, accumulation=accumulation),
+                     batches_per_rank) for r in range(world)]
+    return [per_rank[g % world][g // world] for g in range(world * batches_per_rank)]
+
+
+def test_the_global_order_depends_on_the_global_batch_only(shards):
+    """1 rank x 4 accumulation steps, 2 x 2 and 4 x 1, with 0, 1 or 2 workers: the same micro-batches in the same
+    order, into the second epoch; a state saved on one layout resumes on another at the same global batch."""
+    cfg = cfg_for(shards, shuffle_buffer=8)
+    one = TokenLoader(cfg, "train", batch_size=4, world_size=1, accumulation=4)
+    n = one.batches_per_epoch + 8
+    ref = take(one, n)
+    assert one.counters["epoch"] == 1
+    for world, accumulation, workers in ((2, 2, 1), (4, 1, 2)):
+        got = global_order(dataclasses.replace(cfg, num_workers=workers), world, accumulation, n // world)
+        assert same(got, ref), (world, accumulation, workers)
+    single = TokenLoader(cfg, "train", batch_size=4, world_size=1, accumulation=4)
+    take(single, 12)
+    state = single.state_dict()
+    for rank in range(2):                          # 12 global micro-batches done: each of 2 ranks is at its 6th
+        two = TokenLoader(dataclasses.replace(cfg, num_workers=2), "train", batch_size=4, rank=rank, world_size=2,
+                          accumulation=2)
+        two.load_state_dict(state)
+        assert two.counters["batches"] == 6
+        assert same(take(two, 5), ref[12 + rank:22 + rank:2]), rank
+
+
 def test_resume_refuses_a_different_layout(shards):
-    loader = TokenLoader(cfg_for(shards), "train", batch_size=8)
+    loader = TokenLoader(cfg_for(shards), "train", batch_size=8, world_size=1, accumulation=2)
     take(loader, 3)
     state = loader.state_dict()
-    other = TokenLoader(cfg_for(shards), "train", batch_size=8, rank=0, world_size=2)
-    with pytest.raises(DataError, match="world_size was 1 when the state was saved and is 2 now"):
-        other.load_state_dict(state)
-    one_worker = TokenLoader(cfg_for(shards, num_workers=1), "train", batch_size=8)
-    one_worker.load_state_dict(state)                                   # 0 and 1 workers are the same layout
-    assert same(take(one_worker, 3), take(loader, 3))
+    for other in (TokenLoader(cfg_for(shards), "train", batch_size=8),                    # another global batch
+                  TokenLoader(cfg_for(shards), "train", batch_size=4, world_size=1, accumulation=4)):   # micro
+        with pytest.raises(DataError, match="lanes was 2 when the state was saved and is (1|4) now"):
+            other.load_state_dict(state)
+    two = TokenLoader(cfg_for(shards), "train", batch_size=8, rank=1, world_size=2)
+    with pytest.raises(DataError, match="cannot move the train loader from 1 to 2 ranks exactly: its 3 global"):
+        two.load_state_dict(state)                     # 3 micro-batches cannot be shared by 2 ranks
+    with pytest.raises(DataError, match="written by an earlier DIMBA version with 2 workers"):
+        two.load_state_dict({**state, "version": 1, "workers": 2, "world_size": 2})
+    earlier = {**state, "version": 1, "workers": 1, "world_size": 2, "batches": 5}    # one slot per rank = a lane
+    del earlier["lanes"]
+    two.load_state_dict(earlier)
+    assert two.counters["batches"] == 5
     with pytest.raises(DataError, match="not a TokenLoader state"):
-        one_worker.load_state_dict({"epoch": 3})
+        two.load_state_dict({"epoch": 3})
 
 
 @pytest.mark.parametrize("world_size, workers", [(2, 0), (3, 2)])
@@ -252,7 +288,7 @@ def test_clean_masks_follow_the_mixture_and_are_reproducible(shards):
 def test_missing_or_small_data_gives_clear_errors(shards, tmp_path):
     with pytest.raises(DataError, match="no manifest.json in .*make shards with data_prep/shard.py"):
         TokenLoader(cfg_for(tmp_path), "train", batch_size=8)
-    with pytest.raises(DataError, match="the val split holds .* fewer than one batch per slot"):
+    with pytest.raises(DataError, match="the val split holds .* fewer than one batch per lane"):
         TokenLoader(cfg_for(shards, seq_len=4096), "val", batch_size=8)
     tok = load_tokenizer(cfg_for(shards))
     assert tok.vocab_size == 4096 and tok.path == shards / "tokenizer.model"

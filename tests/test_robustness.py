@@ -205,7 +205,7 @@ def _hashes(run_dir: Path) -> dict[str, str]:
 
 def test_a_restart_with_another_tokenizer_is_refused_and_changes_nothing(bundled_shards, tmp_path):
     """Another 4096-piece tokenizer (one piece's score changed: same size, other sha256) is refused against the
-    shards' manifest, and, with shards of its own, against the run directory; a restart on another world size is
+    shards' manifest, and, with shards of its own, against the run directory; a restart on another global batch is
     refused too. Each names both files in one line, and the run directory stays byte-identical. tools/convert.py
     refuses a run whose tokenizer.model was swapped for it."""
     import sentencepiece.sentencepiece_model_pb2 as pb
@@ -234,7 +234,8 @@ def test_a_restart_with_another_tokenizer_is_refused_and_changes_nothing(bundled
         ([f"data.shards={other_shards}"], {}, 1,
          [str(run_dir / "tokenizer.model"), str(other_shards / "tokenizer.model")]),
         ([f"data.shards={bundled_shards}"], {"RANK": "0", "WORLD_SIZE": "2"}, 1,
-         ["written by 1 ranks, this run has 2"]),
+         ["global batch of 4 (1 ranks x micro-batch 4 x 1 accumulation steps), this run's is 8 (2 x 4 x 1)",
+          "resume on a number of ranks that divides 1"]),
     ]
     for overrides, extra_env, code, names in cases:
         cmd = base + [a for o in overrides for a in ("--set", o)] + ["--set", "training.max_steps=4"]

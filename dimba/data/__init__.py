@@ -2,7 +2,8 @@
 
 Modules (imports go down this list):
   loader.py    TokenLoader: packed (tokens, clean) batches per rank, state_dict/load_state_dict
-  plan.py      the arithmetic of an epoch: shard order, per-slot token ranges, shuffle blocks
+  plan.py      the arithmetic of an epoch: shard order, per-lane token ranges (a lane per micro-batch of a
+               global step, whatever the number of ranks), shuffle blocks
   masks.py     draw_clean_mask: which positions are clean (given) for conditional training
   prepare.py   own text in one command (data_prep/prepare.py): train_tokenizer, then the sharding job
   sharding.py  the parallel, resumable sharding job behind data_prep/shard.py

@@ -7,21 +7,19 @@
         batch["clean"]    # BoolTensor (batch_size, seq_len), True = clean (given) position
         checkpoint["data"] = loader.state_dict()       # position after this batch
 
-How (details in plan.py and stream.py): each rank has W = max(1, data.num_workers)
-DataLoader workers; each worker is a "slot" that owns a fixed token range of every
-epoch and yields whole batches; the DataLoader takes them round robin (worker 0,
-1, ..., W-1, 0, ...), so batch i of a rank comes from logical worker i % W. The
-rank's position is therefore ONE number, the batches it has yielded; a resumed
-loader rotates the workers so that the first one it polls is the one that was due,
-and each worker starts at its own next batch. Every slot yields the same number of
-batches per epoch, so all ranks yield the same number (no rank waits on another:
-webdataset#188/#225), whatever the shard sizes.
+How (details in plan.py and stream.py): the stream is cut into L lanes, one per micro-batch of a global step
+(L = world_size x accumulation steps), so the global order of the data depends on the global batch and the
+micro-batch only, not on the number of ranks. A rank's k-th batch is global micro-batch k x world_size + rank: the
+rank's position is ONE number, the batches it has yielded. Its W = max(1, data.num_workers) DataLoader workers
+take every W-th batch and the DataLoader interleaves them round robin (worker 0, 1, ..., W-1, 0, ...), so the
+order does not depend on W either. Every lane yields the same number of batches per epoch, so all ranks yield the
+same number (no rank waits on another: webdataset#188/#225), whatever the shard sizes.
 
-Resuming is exact when world_size, data.num_workers (0 and 1 are the same), batch
-size, seq_len, seed, shuffle_buffer and the shards are unchanged (load_state_dict
-refuses otherwise). It does not re-read the epoch: each worker re-reads the one
-shuffle block (data.shuffle_buffer sequences) its next batch lies in, and the shards
-under it; benchmarks/bench_data.py measures the time to the first batch.
+Resuming is exact when the lanes, batch size, seq_len, seed, shuffle_buffer and the shards are unchanged
+(load_state_dict refuses otherwise); the world size and data.num_workers may change, with the accumulation steps
+keeping the lanes (2 ranks x 1 = 1 rank x 2): the position moves to the same global batch. It does not re-read
+the epoch: each worker re-reads the one shuffle block (data.shuffle_buffer sequences) of each of its lanes, and
+the shards under it; benchmarks/bench_data.py measures the time to the first batch.
 
 split="val" is a finite pass (one epoch, file order, no shuffling) that yields the
 same batches every time it is iterated.
@@ -40,13 +38,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dimba.config.schema import DataConfig
 from dimba.data.errors import DataError
-from dimba.data.plan import EpochPlan, slot_start_batches
+from dimba.data.plan import EpochPlan, rescale_position
 from dimba.data.shards import read_manifest
-from dimba.data.stream import slot_batches
+from dimba.data.stream import rank_batches
 from dimba.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2                  # 1: per-rank slots (world-size bound), before lanes
 PREFETCH_BATCHES = 4               # per worker
 PR_SET_PDEATHSIG = 1               # linux/prctl.h
 
@@ -93,30 +91,28 @@ def _die_with_parent() -> None:
 
 
 class _RankStream(IterableDataset):
-    """The batches of one rank from its `start`-th on; in a DataLoader, one slot per worker."""
+    """The batches of one rank from its `start`-th on; in a DataLoader, worker p of W yields every W-th."""
 
-    def __init__(self, directory: Path, plan: EpochPlan, cfg: DataConfig, rank: int, start: int, finite: bool):
-        self.directory, self.plan, self.cfg, self.rank, self.start, self.finite = \
-            directory, plan, cfg, rank, start, finite
+    def __init__(self, directory: Path, plan: EpochPlan, cfg: DataConfig, rank: int, world_size: int, start: int,
+                 finite: bool):
+        self.directory, self.plan, self.cfg, self.rank, self.world_size, self.start, self.finite = \
+            directory, plan, cfg, rank, world_size, start, finite
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        W = self.plan.workers
-        logical = (physical + self.start) % W          # the DataLoader polls physical worker 0 first
-        yield from slot_batches(self.directory, self.plan, self.cfg.clean, self.cfg.on_corrupt,
-                                slot=self.rank * W + logical, start=slot_start_batches(self.start, W, logical),
-                                finite=self.finite)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        yield from rank_batches(self.directory, self.plan, self.cfg.clean, self.cfg.on_corrupt, self.rank,
+                                self.world_size, start=self.start + worker, stride=workers, finite=self.finite)
 
 
 class TokenLoader:
     def __init__(self, cfg: DataConfig, split: str = "train", batch_size: int = 8, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, accumulation: int = 1):
         if split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size {batch_size}, "
-                            f"rank {rank}, world_size {world_size}")
+        if batch_size < 1 or world_size < 1 or accumulation < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need batch_size >= 1, accumulation >= 1 and 0 <= rank < world_size, got batch_size "
+                            f"{batch_size}, accumulation {accumulation}, rank {rank}, world_size {world_size}")
         cfg.validate()
         cfg.clean.validate()
         self.cfg, self.split, self.batch_size, self.rank, self.world_size = cfg, split, batch_size, rank, world_size
@@ -125,8 +121,7 @@ class TokenLoader:
         if not shards:
             raise DataError(f"no {split} shards in {cfg.shards} (the manifest lists none); "
                             + ("re-shard with a --val-fraction above 0" if split == "val" else "re-shard"))
-        self.workers = max(1, cfg.num_workers)
-        self.plan = EpochPlan(tuple(shards), split, cfg.seq_len, batch_size, world_size, self.workers, cfg.seed,
+        self.plan = EpochPlan(tuple(shards), split, cfg.seq_len, batch_size, world_size * accumulation, cfg.seed,
                               cfg.shuffle_buffer, shuffle=(split == "train"))
         self._batches = 0
         self._corrupt: set[str] = set()
@@ -136,7 +131,7 @@ class TokenLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches each rank yields per epoch (the same on every rank)."""
-        return self.plan.batches_per_slot * self.workers
+        return self.plan.rank_batches_per_epoch(self.world_size)
 
     @property
     def vocab_size(self) -> int:
@@ -151,7 +146,8 @@ class TokenLoader:
         finite = self.split == "val"
         if finite:
             self._batches = 0
-        stream = _RankStream(Path(self.cfg.shards), self.plan, self.cfg, self.rank, self._batches, finite)
+        stream = _RankStream(Path(self.cfg.shards), self.plan, self.cfg, self.rank, self.world_size, self._batches,
+                             finite)
         if self.cfg.num_workers > 0:
             stream = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                                 prefetch_factor=PREFETCH_BATCHES, persistent_workers=False,
@@ -193,7 +189,7 @@ class TokenLoader:
                 "corrupt_shards_skipped": len(self._corrupt)}
 
     def _layout(self) -> dict:
-        return {"split": self.split, "world_size": self.world_size, "workers": self.workers,
+        return {"split": self.split, "lanes": self.plan.lanes,
                 "batch_size": self.batch_size, "seq_len": self.cfg.seq_len, "seed": self.cfg.seed,
                 "shuffle_buffer": self.cfg.shuffle_buffer, "shards": self.manifest.digest(self.split)}
 
@@ -201,17 +197,31 @@ class TokenLoader:
         """Small and JSON-serialisable: the position after the last batch yielded (same on every rank)."""
         k = self._batches
         return {"version": STATE_VERSION, "batches": k, "epoch": k // self.batches_per_epoch,
-                "batch_in_epoch": k % self.batches_per_epoch, "rank": self.rank, **self._layout(),
+                "batch_in_epoch": k % self.batches_per_epoch, "rank": self.rank, "world_size": self.world_size,
+                **self._layout(),
                 "corrupt_shards": sorted(self._corrupt)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly after the batch the state was taken at (call before iterating)."""
+        """Continue exactly after the batch the state was taken at (call before iterating). The state may come from
+        any rank of a run with another world size and the same lanes: every rank then continues at the same global
+        batch (the saved ranks' batches together, shared out anew)."""
+        if isinstance(state, dict) and state.get("version") == 1 and state.get("workers") == 1 \
+                and state.get("world_size") == self.plan.lanes:    # one slot per rank was one lane per rank
+            state = {**state, "version": STATE_VERSION, "lanes": state["world_size"]}
+        if isinstance(state, dict) and state.get("version") == 1:
+            raise DataError(f"the {self.split} loader state was written by an earlier DIMBA version with "
+                            f"{state.get('workers')} workers per rank, whose data order this version reproduces only "
+                            "for 1 worker and no gradient accumulation; finish that run with that version, or start "
+                            "a new --run-dir")
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "batches" not in state:
             raise DataError(f"not a TokenLoader state (version {STATE_VERSION}): {str(state)[:120]}")
         for key, now in self._layout().items():
             if state.get(key) != now:
                 raise DataError(f"cannot resume the {self.split} loader exactly: {key} was {state.get(key)!r} when "
-                                f"the state was saved and is {now!r} now; resume with the same world size, "
-                                "data.num_workers, batch size, data.seq_len, data.seed, data.shuffle_buffer and shards")
-        self._batches = int(state["batches"])
+                                f"the state was saved and is {now!r} now; resume with the same global batch (world "
+                                "size x gradient accumulation steps), batch size, data.seq_len, data.seed, "
+                                "data.shuffle_buffer and shards")
+        self._batches = rescale_position(int(state["batches"]), int(state["world_size"]), self.world_size,
+                                         f"the {self.split} loader")
         self._corrupt = set(state.get("corrupt_shards", []))
+

@@ -1,4 +1,5 @@
-"""One slot's batches (a slot = one dataloader worker of one rank), following plan.py.
+"""A rank's batches, following plan.py: every `stride`-th from its `start`-th on (one DataLoader worker of W
+takes every W-th batch; the DataLoader interleaves them back in order).
 
 Runs inside a DataLoader worker (or in the main process when num_workers is 0).
 Shards are read whole through webdataset's tar reader and checked against the
@@ -7,7 +8,7 @@ manifest (size, sha256, token count) before any of their tokens are used.
 A corrupt shard (missing, truncated, wrong checksum) is never waited on and never
 shifts other data: its part of the virtual stream is filled from the next readable
 shard of the epoch's order (same offsets, wrapping around that shard). So every
-slot still yields exactly the planned number of batches, and the position
+lane still yields exactly the planned number of batches, and the position
 arithmetic of plan.py stays exact for resumption. With on_corrupt="raise" it raises.
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ CACHED_SHARDS = 2
 class ShardCache:
     """Token arrays of recently read shards, plus the names found corrupt (reported once)."""
 
-    def __init__(self, directory: Path, plan: EpochPlan, on_corrupt: str):
-        self.directory, self.plan, self.on_corrupt = Path(directory), plan, on_corrupt
+    def __init__(self, directory: Path, plan: EpochPlan, on_corrupt: str, size: int = CACHED_SHARDS):
+        self.directory, self.plan, self.on_corrupt, self.size = Path(directory), plan, on_corrupt, size
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.corrupt: dict[int, str] = {}
         self.new_corrupt: list[str] = []
@@ -56,7 +57,7 @@ class ShardCache:
             self.new_corrupt.append(f"{self.plan.shards[index].name}: {e}")
             return None
         self._cache[index] = data
-        if len(self._cache) > CACHED_SHARDS:
+        if len(self._cache) > self.size:
             self._cache.popitem(last=False)
         return data
 
@@ -96,35 +97,39 @@ class ShardCache:
                         + "; ".join(list(self.corrupt.values())[:3]))
 
 
-def slot_batches(directory: Path, plan: EpochPlan, clean: CleanMaskConfig, on_corrupt: str, slot: int,
-                 start: int, finite: bool) -> Iterator[dict]:
-    """Batches of one slot from its `start`-th on (counted over all epochs); one epoch only when finite.
+def rank_batches(directory: Path, plan: EpochPlan, clean: CleanMaskConfig, on_corrupt: str, rank: int,
+                 world_size: int, start: int, stride: int, finite: bool) -> Iterator[dict]:
+    """The rank's batches start, start + stride, start + 2 stride, ... (counted over all epochs; one epoch only
+    when finite).
 
     Each batch: tokens (B, L) int64, clean (B, L) bool, corrupt_shards (list of new
     "name: reason" strings, for the rank to count and report).
     """
-    cache = ShardCache(directory, plan, on_corrupt)
-    per_epoch, bs, seq_len, block = plan.batches_per_slot, plan.batch_size, plan.seq_len, plan.block_size
+    lanes_here = max(1, plan.lanes // world_size)             # the lanes this rank reads, one block each
+    cache = ShardCache(directory, plan, on_corrupt, size=max(CACHED_SHARDS, lanes_here + 1))
+    per_epoch, bs, seq_len, block = plan.rank_batches_per_epoch(world_size), plan.batch_size, plan.seq_len, \
+        plan.block_size
     unconditional = clean.none >= 1.0
-    loaded: tuple = (None, None, None)      # (epoch, block index) -> permutation, tokens
-    for n in itertools.count(start):
-        epoch, b = divmod(n, per_epoch)
-        if finite and epoch >= 1:
+    loaded: dict[int, tuple] = {}          # lane -> ((epoch, block index), permutation, tokens)
+    for k in itertools.count(start, stride):
+        if finite and k >= per_epoch:
             return
+        epoch, lane, b = plan.locate(k, rank, world_size)
         tokens = torch.empty(bs, seq_len, dtype=torch.long)
         mask = torch.zeros(bs, seq_len, dtype=torch.bool)
         for r in range(bs):
             j = b * bs + r
             blk, within = divmod(j, block)
-            if loaded[0] != (epoch, blk):
-                perm = plan.block_permutation(epoch, slot, blk)
-                first = plan.slot_start(slot) + blk * block * seq_len
-                loaded = ((epoch, blk), perm, cache.read(epoch, first, len(perm) * seq_len))
-            w = loaded[1][within]
-            tokens[r] = torch.from_numpy(loaded[2][w * seq_len:(w + 1) * seq_len])
+            if loaded.get(lane, (None,))[0] != (epoch, blk):
+                perm = plan.block_permutation(epoch, lane, blk)
+                first = plan.lane_start(lane) + blk * block * seq_len
+                loaded[lane] = ((epoch, blk), perm, cache.read(epoch, first, len(perm) * seq_len))
+            _, perm, window_tokens = loaded[lane]
+            w = perm[within]
+            tokens[r] = torch.from_numpy(window_tokens[w * seq_len:(w + 1) * seq_len])
             if not unconditional:
                 g = torch.Generator().manual_seed(
-                    position_seed(plan.seed, plan.split, "clean", plan.sample_position(epoch, slot, j)))
+                    position_seed(plan.seed, plan.split, "clean", plan.sample_position(epoch, lane, j)))
                 mask[r] = draw_clean_mask(clean, seq_len, g)
         new, cache.new_corrupt = cache.new_corrupt, []
         yield {"tokens": tokens, "clean": mask, "corrupt_shards": new}

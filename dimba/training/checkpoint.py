@@ -8,6 +8,8 @@ Layout of a run directory:
         state.json                            step, tokens seen, per-rank loader states, counters, config
         rng-rank00000.json                    RNG states of each rank
         COMPLETE                              written last, after every rank finished
+        universal/                            DeepSpeed's universal form of the step (made when it is resumed on
+                                              another number of ranks; the files above stay as they were)
     RUN_DIR/checkpoints/latest                tag of the newest COMPLETE checkpoint (what DeepSpeed's tools read)
 
 A process that dies while saving leaves a folder without COMPLETE: it is never resumed from, and the next
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import random
@@ -34,7 +37,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
 RUN_TOKENIZER = "tokenizer.model"
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked (the message says what to do)."""
+
+
 IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
 
 
@@ -152,14 +160,60 @@ def save_checkpoint(engine, run_dir: Path, step: int, state: dict[str, Any], ema
     return path
 
 
-def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, Optional[dict]]:
-    """Load DeepSpeed state into `engine` and return (DIMBA state, full EMA state or None). Collective."""
+def to_universal(path: Path) -> Path:
+    """PATH/universal: the checkpoint in DeepSpeed's universal form (every parameter's fp32 weights and optimizer
+    state whole, loadable on any number of ranks), made once by ds_to_universal, then renamed into place."""
+    from types import SimpleNamespace
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    out = Path(path) / UNIVERSAL
+    if (out / COMPLETE).is_file():
+        return out
+    tmp = out.with_name(f"{UNIVERSAL}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in Path(path).glob(f"{UNIVERSAL}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    args = SimpleNamespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
+                           num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    chatter = io.StringIO()         # its banner and progress bars
+    try:
+        with safe_deepspeed_load(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"DeepSpeed could not convert checkpoint {path} to its universal form "
+                              f"({type(e).__name__}: {e}); resume on the number of ranks that wrote it") from e
+    (tmp / COMPLETE).write_text("")
+    os.replace(tmp, out)
+    return out
+
+
+def load_checkpoint(engine, path: Path, rank: int, reshard: bool = False) -> tuple[dict, Optional[dict]]:
+    """Load DeepSpeed state into `engine` and return (DIMBA state, full EMA state or None). Collective. reshard:
+    the checkpoint was written by another number of ranks; its universal form is loaded (rank 0 makes it)."""
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} marker); resume from another one")
-    with safe_deepspeed_load():
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    load_dir, tag = path.parent, path.name
+    if reshard:
+        failure = None
+        if rank == 0:
+            try:
+                to_universal(path)
+            except CheckpointError as e:
+                failure = str(e)
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        if failures[0]:
+            raise CheckpointError(failures[0])
+        load_dir, tag = path, UNIVERSAL
+    configured = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = reshard     # DeepSpeed reads it from its config only
+    try:
+        with safe_deepspeed_load():
+            load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = configured
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     state = json.loads((path / "state.json").read_text())
@@ -174,8 +228,8 @@ def load_checkpoint(engine, path: Path, rank: int) -> tuple[dict, Optional[dict]
 def resume_refusal(run_dir: Path, config: dict, world_size: int, tokenizer_path: Optional[Path]) -> Optional[str]:
     """Why this run may not continue RUN_DIR (None: it may), from files alone, before anything is written: the
     tokenizer in use must be the run's (RUN_DIR/tokenizer.model and the sha256 its checkpoints record), and the
-    newest complete checkpoint must hold the same objective and model (`config`: this run's config as a dict) on
-    as many ranks. tokenizer_path None (a trainer without a tokenizer, in tests) skips the tokenizer checks."""
+    newest complete checkpoint must hold the same objective and model (`config`: this run's config as a dict), and
+    the same global batch and micro-batch (on any number of ranks). tokenizer_path None (a trainer without a tokenizer, in tests) skips the tokenizer checks."""
     from dimba.config.core import ConfigError
     from dimba.config.schema import config_from_dict
     run_dir = Path(run_dir)
@@ -192,7 +246,8 @@ def resume_refusal(run_dir: Path, config: dict, world_size: int, tokenizer_path:
         return None
     saved = json.loads((path / "state.json").read_text())
     try:
-        was = config_from_dict(saved["config"]).to_dict()      # an earlier version's config, upgraded
+        was_cfg = config_from_dict(saved["config"])            # an earlier version's config, upgraded
+        was = was_cfg.to_dict()
     except ConfigError as e:
         return f"checkpoint {path} was written with a config this version cannot read ({e}); use a new --run-dir"
     if was["objective"] != config["objective"]:
@@ -203,14 +258,34 @@ def resume_refusal(run_dir: Path, config: dict, world_size: int, tokenizer_path:
     if diff:
         return (f"checkpoint {path} was written by a different model (model.{diff[0]} differs); "
                 "use a new --run-dir or the same model config")
-    if saved["world_size"] != world_size:
-        return (f"checkpoint {path} was written by {saved['world_size']} ranks, this run has {world_size}; resume "
-                "with the same number of ranks")
+    batch = _batch_refusal(path, was_cfg, saved["world_size"], config_from_dict(config), world_size)
+    if batch:
+        return batch
     made_with = saved.get("tokenizer_sha256")
     if made_with and sha is not None and made_with != sha:
         return (f"checkpoint {path} was trained with a tokenizer of sha256 {made_with[:12]} but this run uses "
                 f"{tokenizer_path} (sha256 {sha[:12]}); train with the run's tokenizer, or use a new --run-dir")
     return None
+
+
+def _batch_refusal(path: Path, was, saved_world: int, now, world: int) -> Optional[str]:
+    """Why the data order or the step cannot continue on this run's batch layout (None: it can). The ranks may
+    change; the global batch and the micro-batch may not (they fix the data order: dimba/data/plan.py)."""
+    was_micro, now_micro = was.micro_batch_size, now.micro_batch_size
+    was_global = was_micro * was.grad_accum * saved_world
+    now_global = now_micro * now.grad_accum * world
+    if was_micro == now_micro and was_global == now_global:
+        return None
+    layout = (f"checkpoint {path} was trained with a global batch of {was_global} ({saved_world} ranks x micro-batch "
+              f"{was_micro} x {was.grad_accum} accumulation steps), this run's is {now_global} ({world} x {now_micro} "
+              f"x {now.grad_accum})")
+    lanes = was_global // was_micro
+    if lanes % world:
+        return (f"{layout}; its {lanes} micro-batches per step cannot be shared out over {world} ranks: resume on a "
+                f"number of ranks that divides {lanes} (with deepspeed.gradient_accumulation_steps = {lanes} / ranks "
+                "and the same micro-batch), or use a new --run-dir")
+    return (f"{layout}; resume with deepspeed.train_micro_batch_size_per_gpu={was_micro} and "
+            f"deepspeed.gradient_accumulation_steps={lanes // world}, or use a new --run-dir")
 
 
 def write_run_files(run_dir: Path, config_json: str, tokenizer_path: Optional[Path]) -> None:

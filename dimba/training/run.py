@@ -85,7 +85,7 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     try:
         info = init_distributed()
         loader = TokenLoader(cfg.data, split="train", batch_size=cfg.micro_batch_size, rank=info.rank,
-                             world_size=info.world_size)
+                             world_size=info.world_size, accumulation=cfg.grad_accum)
         loaders.append(loader)
         val_loader = None
         if cfg.evaluation.val_every:

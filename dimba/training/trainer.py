@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from dimba.config.core import ConfigError
 from dimba.config.schema import Config
+from dimba.data.plan import rescale_position
 from dimba.objectives import Request, get_objective, make_draw
 from dimba.training import checkpoint as ckpt
 from dimba.training import status as run_status
@@ -90,7 +91,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Resume from the newest complete checkpoint of the run directory, if any (refused before anything in
-        the run directory changes: another model, world size or tokenizer)."""
+        the run directory changes: another model, global batch or tokenizer). A checkpoint of another number of
+        ranks is resharded (DeepSpeed's universal checkpoint) and continues at the same global batch."""
         ckpt_dir = self.run_dir / "checkpoints"
         refusal = ckpt.resume_refusal(self.run_dir, self.cfg.to_dict(), self.info.world_size,
                                       self.tokenizer.path if self.tokenizer is not None else None)
@@ -103,10 +105,19 @@ class Trainer:
         path = ckpt.latest_checkpoint(ckpt_dir)
         if path is None:
             return False
-        state, ema = ckpt.load_checkpoint(self.engine, path, self.info.rank)
-        self.step, self.micro_index, self.tokens_seen = state["step"], state["micro_index"], state["tokens_seen"]
+        saved_world = json.loads((path / "state.json").read_text())["world_size"]
+        if saved_world != self.info.world_size:
+            self.log(f"checkpoint {path.name} was written by {saved_world} ranks: resharding it for "
+                     f"{self.info.world_size} (DeepSpeed's universal checkpoint, in {path.name}/{ckpt.UNIVERSAL})")
+        try:
+            state, ema = ckpt.load_checkpoint(self.engine, path, self.info.rank,
+                                              reshard=saved_world != self.info.world_size)
+        except ckpt.CheckpointError as e:           # decided on every rank together
+            raise TrainingStopped(str(e)) from None
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.micro_index = rescale_position(state["micro_index"], saved_world, self.info.world_size, "the run")
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
-        self.loader.load_state_dict(state["loader"][self.info.rank])
+        self.loader.load_state_dict(state["loader"][min(self.info.rank, saved_world - 1)])
         if self.ema is not None and ema is not None:
             self.ema.load_full_state_dict(ema)
             self.ema.num_updates = state["ema_updates"]
