@@ -65,9 +65,10 @@ def _ancestral(model, x, clean, cfg, mask_id, time_conditioning, generator, on_s
         reveal_u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
         pick_u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
         reveal = masked & (reveal_u < (t - s) / t) if s > 0 else masked
-        new = pick_tokens(log_p, cfg, uniforms=pick_u)
-        x = torch.where(reveal, new, x)
         changed = bool(reveal.any())
+        if changed:          # draw only where a token is revealed (each position's draw uses its own uniform)
+            x = x.clone()
+            x[reveal] = pick_tokens(log_p[reveal], cfg, uniforms=pick_u[reveal.cpu()])
         if on_step is not None:
             on_step(i + 1, steps)
     return x
@@ -101,11 +102,15 @@ def _confidence(model, x, clean, cfg, mask_id, time_conditioning, generator, on_
             if cfg.greedy:
                 new = log_p.argmax(-1)
                 conf = log_p.max(-1).values
-            else:
+            else:            # draws and confidences at the masked positions only
                 u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
-                new = pick_tokens(log_p, pick_cfg, uniforms=u)
-                filtered = filter_logits(log_p, cfg.temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
-                conf = filtered.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+                candidates = log_p[masked]
+                picked = pick_tokens(candidates, pick_cfg, uniforms=u[masked.cpu()])
+                filtered = filter_logits(candidates, cfg.temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
+                new = x.clone()
+                new[masked] = picked
+                conf = torch.full(x.shape, float("-inf"), dtype=log_p.dtype, device=log_p.device)
+                conf[masked] = filtered.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
             conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
             reveal = torch.zeros_like(masked)
             for r in range(b):
