@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow   # about 2 minutes for both modes on 2 cores
 
 
 def dry_run(tmp_path, monkeypatch, *args: str) -> tuple[list[str], object]:
-    monkeypatch.delenv("OUT", raising=False)      # $OUT makes it the device run (installing the carried wheels)
+    monkeypatch.delenv("OUT", raising=False)      # $OUT makes it the GPU machine's run (installing the carried wheels)
     proc = run(["bash", "benchmarks/gpu/run.sh", *args], timeout=1200, extra_env={"DIMBA_RUNS": str(tmp_path)})
     out = tmp_path / "gpu-check"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

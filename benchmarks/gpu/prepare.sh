@@ -6,7 +6,7 @@
 #
 # The image has torch, triton, einops, numpy, sentencepiece, safetensors, tensorboard, transformers, sacrebleu,
 # matplotlib, pytest, psutil, msgpack, ninja, py-cpuinfo, nvidia-ml-py, tqdm, absl-py, six, click, joblib, regex
-# (the device tool's KINDS.md). Missing, and carried:
+# (what the GPU machine's image lists). Missing, and carried:
 #   mamba-ssm     built here without its CUDA extensions (pure Python): its Mamba-2 Triton kernels are all the
 #                 fused path needs (dimba/model/mamba2.py loads them without the package's Mamba-1 __init__);
 #                 causal-conv1d is not carried (a CUDA build): the conv then runs in PyTorch
@@ -32,6 +32,6 @@ mkdir -p "$WHL"
   hjson==3.1.0 webdataset==1.0.2 braceexpand==0.1.7 nltk==3.9.2
 ls -1 "$WHL"
 du -sh "$WHL"
-# the GPU-scale comparison's shards (../shared/data/gutenberg, else the bundled corpus): the device reaches no data
+# the GPU-scale comparison's shards (../shared/data/gutenberg, else the bundled corpus): the GPU machine reaches no data
 "$PY" benchmarks/compare_ar.py --scale gpu --stage data
 du -sh runs/compare-gpu/shards

@@ -17,16 +17,16 @@
 # compare: benchmarks/compare_ar.py --scale gpu --judge none, its steps fitted to S from a throughput probe;
 #          likelihood, context, generation (entropy; gen-PPL needs the judge, which is not on the image) and speed
 #
-# Each step has its own time limit and the script goes on past a failed one; everything lands in $OUT (the device
-# tool brings it back): log.txt, one JSON per measurement, and at the end summary.txt. Without $OUT (a dry run on
+# Each step has its own time limit and the script goes on past a failed one; everything lands in $OUT (the folder the
+# GPU machine hands back): log.txt, one JSON per measurement, and at the end summary.txt. Without $OUT (a dry run on
 # a CPU machine: `bash benchmarks/gpu/run.sh check`) it writes to $DIMBA_RUNS/gpu-check (DIMBA_RUNS defaults to
 # runs) and uses toy sizes; tests/test_gpu_kit.py runs both modes so.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-check}
 BUDGET=${2:-120}
-DEVICE_TOOL=${OUT:+1}          # $OUT is set by the device tool only
-RUNS=${DIMBA_RUNS:-runs}      # where the comparison's runs go (on the device: runs/compare-gpu, its shards carried)
+ON_GPU_MACHINE=${OUT:+1}       # $OUT is set only on the prepared GPU machine
+RUNS=${DIMBA_RUNS:-runs}      # where the comparison's runs go (on the GPU machine: runs/compare-gpu, its shards carried)
 OUT=${OUT:-$RUNS/gpu-check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -44,7 +44,7 @@ step() {   # step NAME SECONDS COMMAND...: run with a limit, record its exit sta
   echo "=== $name: exit $rc in $((SECONDS - t0))s"
 }
 
-if [ -n "$DEVICE_TOOL" ]; then     # the carried wheels are for the image's Python 3.12
+if [ -n "$ON_GPU_MACHINE" ]; then     # the carried wheels are for the image's Python 3.12
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dimba-site .whl/*.whl \
     || { echo "installing the carried wheels failed"; exit 1; }
   export PYTHONPATH=/tmp/dimba-site:$PWD
@@ -88,7 +88,7 @@ elif [ "$MODE" = compare ]; then
     --sections likelihood,context,generation,speed --set "training.max_steps=$STEPS" \
     --set "training.warmup_steps=$((STEPS / 10 + 1))" --set "training.checkpoint_every=$STEPS" \
     --set "evaluation.val_every=$STEPS"
-  for f in report.json report.md compare.png; do        # the device tool brings back 8 files at most
+  for f in report.json report.md compare.png; do        # at most 8 files come back from the GPU machine
     cp "$RUNS/compare-$SCALE/$f" "$OUT/" 2>/dev/null
   done
 else

@@ -16,8 +16,8 @@ on 4 with half the micro-batches, and read the same sequences. For epoch e:
      (a permutation seeded by (seed, e, lane, block)): a shuffle buffer whose state is
      one integer, so resuming re-reads at most one block, never the epoch.
 Global micro-batch g (g = micro-step x world_size + rank, the index the trainer's noise seeds use too) is batch
-g // L of lane g % L. A rank's k-th batch of an epoch is therefore global micro-batch k x world_size + rank (`locate`),
-and the position of every rank is one number, the batches it has yielded.
+g // L of lane g % L. A rank's k-th batch of an epoch is therefore global micro-batch k x world_size + rank
+(`locate`), and the position of every rank is one number, the batches it has yielded.
 """
 from __future__ import annotations
 

@@ -39,11 +39,11 @@ from safetensors.torch import load_file, save_file
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"
 RUN_TOKENIZER = "tokenizer.model"
+IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as asked (the message says what to do)."""
-
-
-IMPLEMENTATION_ONLY = {"mixer_impl", "chunk_size"}   # model fields that may change on resume (same weights)
 
 
 def _deepspeed_safe_globals() -> list:
@@ -169,8 +169,7 @@ def to_universal(path: Path) -> Path:
     if (out / COMPLETE).is_file():
         return out
     tmp = out.with_name(f"{UNIVERSAL}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for stale in Path(path).glob(f"{UNIVERSAL}*"):
+    for stale in Path(path).glob(f"{UNIVERSAL}*"):            # an incomplete conversion of a killed run
         shutil.rmtree(stale, ignore_errors=True)
     args = SimpleNamespace(input_folder=str(path), output_folder=str(tmp), num_extract_workers=1,
                            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -229,7 +228,8 @@ def resume_refusal(run_dir: Path, config: dict, world_size: int, tokenizer_path:
     """Why this run may not continue RUN_DIR (None: it may), from files alone, before anything is written: the
     tokenizer in use must be the run's (RUN_DIR/tokenizer.model and the sha256 its checkpoints record), and the
     newest complete checkpoint must hold the same objective and model (`config`: this run's config as a dict), and
-    the same global batch and micro-batch (on any number of ranks). tokenizer_path None (a trainer without a tokenizer, in tests) skips the tokenizer checks."""
+    the same global batch and micro-batch (on any number of ranks). tokenizer_path None (a trainer without a
+    tokenizer, in tests) skips the tokenizer checks."""
     from dimba.config.core import ConfigError
     from dimba.config.schema import config_from_dict
     run_dir = Path(run_dir)
