@@ -26,14 +26,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import sentencepiece as spm  # noqa: E402
+import sentencepiece as spm
 
-from dimba.config.schema import CleanMaskConfig, DataConfig  # noqa: E402
-from dimba.data.documents import InputStats, expand_inputs, iter_documents  # noqa: E402
-from dimba.data.loader import TokenLoader  # noqa: E402
-from dimba.data.sharding import cpu_count  # noqa: E402
+from dimba.config.schema import CleanMaskConfig, DataConfig
+from dimba.data.documents import InputStats, expand_inputs, iter_documents
+from dimba.data.loader import TokenLoader
+from dimba.data.sharding import cpu_count
 
 GPU_TOKENS_PER_S = (30_000, 50_000)
 _SP = None

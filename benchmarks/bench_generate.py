@@ -25,17 +25,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compare_ar import SCALES  # noqa: E402
-from dimba.config import load_config  # noqa: E402
-from dimba.data.tokenizer import MASK_ID  # noqa: E402
-from dimba.model.build import count_parameters  # noqa: E402
-from dimba.objectives import ar_twin, build_model  # noqa: E402
-from dimba.model.mamba2 import fused_description  # noqa: E402
-from dimba.training.engine import measure_matmul_flops  # noqa: E402
-from dimba.evaluation.speed import ar_speedup, speed_rows  # noqa: E402
+from compare_ar import SCALES
+from dimba.config import load_config
+from dimba.data.tokenizer import MASK_ID
+from dimba.model.build import count_parameters
+from dimba.objectives import ar_twin, build_model
+from dimba.model.mamba2 import fused_description
+from dimba.training.engine import measure_matmul_flops
+from dimba.evaluation.speed import ar_speedup, speed_rows
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

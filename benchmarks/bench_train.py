@@ -17,23 +17,20 @@ Measured (2-core CPU, fp32, shared machine), configs/tiny.json, micro-batch 16 x
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compare_ar import SCALES  # noqa: E402
+from compare_ar import SCALES
 
-from dimba.config import load_config  # noqa: E402
-from dimba.objectives import OBJECTIVES  # noqa: E402
-from dimba.training.distributed import init_distributed  # noqa: E402
-from dimba.training.engine import GPU_PEAK_FLOPS, measure_matmul_flops  # noqa: E402
-from dimba.training.trainer import Trainer  # noqa: E402
+from dimba.config import load_config
+from dimba.objectives import OBJECTIVES
+from dimba.training.distributed import init_distributed
+from dimba.training.engine import GPU_PEAK_FLOPS, measure_matmul_flops
+from dimba.training.trainer import Trainer
 
 
 class RandomTokens:

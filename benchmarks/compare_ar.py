@@ -53,25 +53,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from dimba.config import load_config  # noqa: E402
-from dimba.data.shards import unigram_log_probs  # noqa: E402
-from dimba.data.tokenizer import MASK_ID  # noqa: E402
-from dimba.evaluation.infill import infill  # noqa: E402
-from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge  # noqa: E402
-from dimba.objectives.nll import unigram_nll  # noqa: E402
-from dimba.evaluation.prompted import bleu, prompt_gain  # noqa: E402
-from dimba.evaluation.speed import ar_speedup, speed_rows  # noqa: E402
-from dimba.evaluation.textgen import Request, generate  # noqa: E402
-from dimba.evaluation.textstats import text_stats  # noqa: E402
-from dimba.evaluation.valdata import as_batches, val_sequences  # noqa: E402
-from dimba.model.build import count_parameters  # noqa: E402
-from dimba.objectives import ar_twin  # noqa: E402
-from dimba.training.distributed import deepspeed_command  # noqa: E402
-from dimba.training.export import load_model_dir, resolve_checkpoint  # noqa: E402
+from dimba.config import load_config
+from dimba.data.shards import unigram_log_probs
+from dimba.data.tokenizer import MASK_ID
+from dimba.evaluation.infill import infill
+from dimba.evaluation.judge import SMOLLM2, generative_perplexity, load_judge
+from dimba.objectives.nll import unigram_nll
+from dimba.evaluation.prompted import bleu, prompt_gain
+from dimba.evaluation.speed import ar_speedup, speed_rows
+from dimba.evaluation.textgen import Request, generate
+from dimba.evaluation.textstats import text_stats
+from dimba.evaluation.valdata import as_batches, val_sequences
+from dimba.model.build import count_parameters
+from dimba.objectives import ar_twin
+from dimba.training.distributed import deepspeed_command
+from dimba.training.export import load_model_dir, resolve_checkpoint
 
 TOKENIZER = ROOT / "data_prep" / "tokenizer" / "tokenizer.model"
 SHARED_CORPUS = ROOT.parent / "shared" / "data" / "gutenberg" / "*.txt"

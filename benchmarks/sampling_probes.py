@@ -22,24 +22,20 @@ line per T: gen-PPL under the judge and unigram entropy (bits).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import compare_ar  # noqa: E402
-import dimba.objectives.gaussian.sampling as sampling  # noqa: E402
-from dimba.objectives.gaussian.timewarp import LearnedTimeWarp  # noqa: E402
-from dimba.objectives.gaussian.denoising import loss_by_t  # noqa: E402
-from dimba.evaluation.judge import load_judge  # noqa: E402
-from dimba.evaluation.textgen import Request, generate  # noqa: E402
-from dimba.objectives.gaussian.schedule import NoiseSchedule  # noqa: E402
-from dimba.evaluation.valdata import val_sequences  # noqa: E402
-from dimba.training.export import load_model_dir  # noqa: E402
+import compare_ar
+import dimba.objectives.gaussian.sampling as sampling
+from dimba.objectives.gaussian.timewarp import LearnedTimeWarp
+from dimba.objectives.gaussian.denoising import loss_by_t
+from dimba.evaluation.judge import load_judge
+from dimba.evaluation.textgen import Request, generate
+from dimba.objectives.gaussian.schedule import NoiseSchedule
+from dimba.evaluation.valdata import val_sequences
+from dimba.training.export import load_model_dir
 
 CURVE_BUCKETS, CURVE_WINDOWS, LIK_WINDOWS = 25, 32, 64
 

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import compare_ar  # noqa: E402
+import compare_ar
 
 ROOT = compare_ar.ROOT
 GOAL_NATS = math.log(1.2)       # the bound goal: DIMBA's PPL <= 1.2x the twin's

@@ -8,20 +8,17 @@ does. Re-running the same command reuses the tokenizer and resumes the shards. S
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from dimba.data.errors import DataError  # noqa: E402
-from dimba.data.prepare import PrepareJob, prepare_corpus  # noqa: E402
-from dimba.data.sharding import add_shard_arguments  # noqa: E402
+from dimba.cli import ArgumentParser
+from dimba.data.errors import DataError
+from dimba.data.prepare import PrepareJob, prepare_corpus
+from dimba.data.sharding import add_shard_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--input", nargs="+", required=True, help="text or JSONL files or globs (.gz accepted)")
     p.add_argument("--output", required=True, help="folder for the tokenizer and the shards")
     p.add_argument("--tokenizer", default=None,

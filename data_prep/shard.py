@@ -9,19 +9,16 @@ See dimba/data/sharding.py for how, and dimba/data/shards.py for the format.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from dimba.data.errors import DataError  # noqa: E402
-from dimba.data.sharding import ShardJob, add_shard_arguments, run_shard_job  # noqa: E402
+from dimba.cli import ArgumentParser
+from dimba.data.errors import DataError
+from dimba.data.sharding import ShardJob, add_shard_arguments, run_shard_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--input", nargs="+", required=True, help="text or JSONL files or globs (.gz accepted)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model from data_prep/train_tokenizer.py")
     p.add_argument("--output", required=True, help="shard directory")

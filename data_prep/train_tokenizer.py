@@ -9,21 +9,19 @@ A tokenizer trained before <mask> existed gets one appended, without retraining 
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from dimba.data.documents import expand_inputs  # noqa: E402
-from dimba.data.errors import DataError  # noqa: E402
-from dimba.data.tokenizer import add_mask_piece, train_tokenizer  # noqa: E402
+from dimba.cli import ArgumentParser
+from dimba.data.documents import expand_inputs
+from dimba.data.errors import DataError
+from dimba.data.tokenizer import add_mask_piece, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--input", nargs="+", help="text or JSONL files or globs (.gz accepted)")
     p.add_argument("--vocab-size", type=int, help="number of pieces, special ids and 256 byte pieces included")
     p.add_argument("--output", required=True, help="directory for tokenizer.model and tokenizer.json")

@@ -22,17 +22,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from dimba.cluster.jobs import EvaluationJob, eval_options  # noqa: E402
-from dimba.cluster.run import RunFailed, load_run, submit_run, wait_run  # noqa: E402
-from dimba.cluster.spec import ClusterSpec  # noqa: E402
-from dimba.config.schema import config_from_dict  # noqa: E402
-from dimba.training.run import check_data  # noqa: E402
+from dimba.cli import ArgumentParser
+from dimba.cluster.jobs import EvaluationJob, eval_options
+from dimba.cluster.run import RunFailed, load_run, submit_run, wait_run
+from dimba.cluster.spec import ClusterSpec
+from dimba.console import quiet
+from dimba.config.schema import config_from_dict
+from dimba.training.run import check_data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", help="training config (JSON); may hold a \"cluster\" section")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training config value (repeatable), as for launch/train.py")
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w = p.add_argument_group("waiting")
     w.add_argument("--wait", action="store_true", help="(Slurm) wait for the run and print its outcome")
     w.add_argument("--timeout", type=float, help="with --wait: cancel the jobs after this many seconds")
+    w.add_argument("--verbose", action="store_true", help="also show third-party warnings and DeepSpeed logs")
     w.add_argument("--folder", help="submitit folder for job files and logs (default RUN_DIR/submitit)")
     args = p.parse_args(argv)
     if not args.config and not args.follow:
@@ -86,6 +88,7 @@ def report(outcome: dict, run_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet(args.verbose)
     if args.follow:
         try:
             jobs = load_run(Path(args.follow))

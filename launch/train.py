@@ -17,19 +17,20 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dimba.training.run import main  # noqa: E402
+from dimba.cli import ArgumentParser
+from dimba.console import quiet
+from dimba.training.run import main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="JSON config (configs/tiny.json, configs/1b.json, ...)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.lr=3e-4 (repeatable)")
     p.add_argument("--ranks", type=int, default=None, metavar="N",
                    help="start N ranks on this machine with DeepSpeed's launcher and pass stop signals on to them")
+    p.add_argument("--verbose", action="store_true", help="also show third-party warnings and launcher logs")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -49,6 +50,7 @@ def rank_argv(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     args = parse_args()
+    quiet(args.verbose)
     if args.ranks is not None:
         if args.ranks < 1:
             sys.exit("error: --ranks must be at least 1")

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"model": {"d_modle": 3}}, "unknown config key 'model.d_modle'"),
     ({"training": {"lr": "fast"}}, "training.lr must be a number"),
     ({"training": {"lr": -1}}, "training.lr must be > 0"),
+    ({"training": {"lr": float("inf")}}, "training.lr must be a finite number, got inf"),
+    ({"deepspeed": {"train_micro_batch_size_per_gpu": 2, "zero_optimization": 3}},
+     "deepspeed.zero_optimization must be an object"),
     ({"model": {"conditioning": "concat"}}, "model.conditioning must be one of 'film', 'additive'"),
     ({"diffusion": {"time_warp": "cdcd"}}, "diffusion.time_warp must be one of 'power', 'learned'"),
     ({"model": {"d_model": 100, "headdim": 64}}, "must be a multiple of model.headdim"),
@@ -54,6 +57,9 @@ def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
+    bad.write_bytes(bytes(range(128, 256)) * 8)
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(bad)
 
 

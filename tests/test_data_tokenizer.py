@@ -223,8 +223,9 @@ def test_every_cli_option_has_a_help_line(monkeypatch):
         raise Parsed(parser)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    scripts = sorted((REPO / "data_prep").glob("*.py"))
-    assert {s.name for s in scripts} >= {"prepare.py", "shard.py", "train_tokenizer.py"}
+    scripts = sorted((REPO / "data_prep").glob("*.py")) + sorted((REPO / "tools").glob("*.py"))
+    assert {s.name for s in scripts} >= {"prepare.py", "shard.py", "train_tokenizer.py", "convert.py", "sample.py",
+                                         "eval.py"}
     for script in scripts:
         with pytest.raises(Parsed) as got:
             runpy.run_path(str(script))["main"]([])

@@ -78,7 +78,17 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
                 "--judge", str(models["judge"]), "--run-dir", str(models["dimba"]), "--output", str(out), *SMALL_EVAL])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert "non_finite" not in report
+    assert "non_finite" not in report and report["complete"] is True
+    sections = ["likelihood", "diagnostics", "reference"] + [f"{s}@{n}" for n in (2, 4)
+                                                             for s in ("generation", "prompted", "infill", "speed")]
+    assert list(report["timings_s"]) == sections
+    for name, total in (("likelihood", 2), ("generation@2", 8), ("prompted@4", 16), ("infill@4", 8), ("speed@2", 2)):
+        assert f"[eval] {name}: {total}/{total}" in proc.stderr, name       # a progress bar per section
+    summary = proc.stdout.splitlines()
+    assert summary[0].startswith("NLL bound: ") and "unigram model" in summary[0] and "context earns" in summary[0]
+    assert summary[1].startswith("held-out text: unigram entropy") and "gen PPL" in summary[1]
+    assert summary[2].startswith("T=2: entropy") and "the text's" in summary[2] and "prompt gain" in summary[2]
+    assert "infill accuracy" in summary[3] and "most frequent token" in summary[3]
     for where, v in numbers(report):
         assert v is not None, f"{where} is null"
         if isinstance(v, float):
@@ -137,6 +147,34 @@ def test_eval_of_the_ar_twin_reports_its_exact_perplexity(models, tmp_path):
     assert report["prompted"][0]["continuation_len"] == 32 and report["speed"][0]["tokens_per_s"] > 0
     assert "with_suffix" not in report["infill"][0] and report["infill"][0]["prefix_only"]["token_accuracy"] >= 0
     assert Path(out.with_suffix(".png")).is_file()
+
+
+def test_an_interrupted_eval_keeps_the_sections_it_finished(models, tmp_path):
+    """The report is written after every section: stopped during generation, the likelihood is on disk."""
+    from dimba.evaluation.evaluate import EvalOptions, evaluate
+    from dimba.evaluation.report import write_json
+    from dimba.training.export import load_model_dir
+    out = tmp_path / "partial.json"
+
+    def write_then_stop(report):
+        write_json(report, out)
+        if "reference" in report["timings_s"]:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(load_model_dir(models["dimba"]), str(models["shards"]),
+                 EvalOptions(batches=2, batch_size=4, t_samples=2, t_buckets=2, steps=[2], samples=2, prompts=2),
+                 on_section=write_then_stop)
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and list(report["timings_s"]) == ["likelihood", "diagnostics", "reference"]
+    assert report["likelihood"]["nll_nats_per_token"] > 0 and "generation" not in report
+
+
+def test_eval_sizes_follow_the_device():
+    from dimba.evaluation.evaluate import CPU_SIZES, EvalOptions
+    cpu, gpu = EvalOptions.for_device("cpu"), EvalOptions.for_device("cuda:1")
+    assert gpu == EvalOptions() and cpu.steps == CPU_SIZES["steps"] and cpu.samples < gpu.samples
+    mine = EvalOptions.for_device("cpu", steps=[4], samples=None, seed=3)
+    assert mine.steps == [4] and mine.samples == CPU_SIZES["samples"] and mine.seed == 3
 
 
 # ---- errors: in-process, each a one-line message and exit status 2 ----------------------------------------

@@ -1,7 +1,6 @@
 """The Mamba-2 mixer: layout parity with mamba_ssm, chunked vs sequential, causality, gradients, step()."""
 
 import copy
-import math
 
 import pytest
 import torch

@@ -179,7 +179,8 @@ def test_ctrl_c_stops_saves_and_ends_every_process(launcher, bundled_shards, tmp
 
 def test_sigterm_to_the_launcher_reaches_the_ranks(bundled_shards, tmp_path):
     """`python launch/train.py --ranks 2` runs DeepSpeed's launcher and passes SIGTERM on to the ranks: they save
-    and stop, and the command exits 143 (interrupted), not 0. While it runs, status.json has a live heartbeat."""
+    and stop, and the command exits 143 (interrupted), not 0. While it runs, status.json has a live heartbeat.
+    Nothing a user cannot act on reaches the console (dimba/console.py)."""
     run_dir = tmp_path / "r"
     probe = Probe([sys.executable, "launch/train.py", "--ranks", "2", *train_args(run_dir, bundled_shards)])
     probe.wait_for("[dimba] step 3 loss")
@@ -193,6 +194,8 @@ def test_sigterm_to_the_launcher_reaches_the_ranks(bundled_shards, tmp_path):
     took = probe.end(t0)
     print(f"SIGTERM to the launcher: every process gone {took:.1f} s after the signal")
     assert probe.proc.returncode == 128 + signal.SIGTERM, probe.output[-3000:]
+    for noise in ("Setting accelerator", "built successfully", "Warning", "[INFO]", "CUDA_VISIBLE_DEVICES"):
+        assert noise not in probe.output, (noise, probe.output[-3000:])
     status = read_status(run_dir)
     assert status["state"] == "interrupted" and status["message"] == "stopped by SIGTERM", status
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{status['step']:08d}"

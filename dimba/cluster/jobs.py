@@ -198,9 +198,8 @@ class EvaluationJob(Checkpointable):
         loaded = load_model_dir(self.checkpoint, device=device, weights=self.weights)
         log = lambda msg: print(f"[eval] {msg}", flush=True)  # noqa: E731
         log(f"{self.checkpoint}: step {loaded.step} on {device}")
-        report = evaluate(loaded, self.data, EvalOptions(**self.options), device=device,
-                          model_path=self.checkpoint, log=log)
-        write_json(report, Path(self.output))
+        report = evaluate(loaded, self.data, EvalOptions.for_device(device, **self.options), device=device,
+                          model_path=self.checkpoint, log=log, on_section=lambda r: write_json(r, Path(self.output)))
         if self.run_dir:
             write_tensorboard(report, self.run_dir, loaded.step)
         return {"step": loaded.step, **scalars(report)}

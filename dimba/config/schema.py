@@ -281,7 +281,10 @@ class Config:
                 f"deepspeed.train_micro_batch_size_per_gpu must be a positive integer, got {mb!r}")
         ga = self.deepspeed.get("gradient_accumulation_steps", 1)
         require(isinstance(ga, int) and ga >= 1, f"deepspeed.gradient_accumulation_steps must be a positive integer, got {ga!r}")
-        stage = self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        zero = self.deepspeed.get("zero_optimization", {})
+        require(isinstance(zero, dict), f"deepspeed.zero_optimization must be an object such as {{\"stage\": 2}}, "
+                                        f"got {zero!r}; set the stage with deepspeed.zero_optimization.stage=N")
+        stage = zero.get("stage", 0)
         require(stage in (0, 1, 2, 3), f"deepspeed.zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
         clip = self.deepspeed.get("gradient_clipping", 0.0)
         require(isinstance(clip, (int, float)) and clip >= 0 and math.isfinite(clip),
@@ -358,9 +361,12 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> Conf
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; pass an existing JSON file such as configs/tiny.json")
     try:
-        data: Any = json.loads(path.read_text())
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?); pass a JSON config such as "
+                          "configs/tiny.json") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object with sections model, data, training, ...")
     try:

@@ -13,12 +13,15 @@ What is measured, in order:
   prompted        per step count: held-out prompts continued, BLEU/ROUGE against the truth (prompted.py)
   speed           per step count: latency and tokens/s of one batch (speed.py)
 The AR twin has no step count: it decodes one token per step, so its rows carry steps = sample length.
+Each section runs under a progress bar (progress.py) and is timed into `timings_s`; after each, the report so far
+goes to `on_section` ("complete": false until the last), which tools/eval.py writes to disk.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -28,12 +31,19 @@ from dimba.config.core import ConfigError
 from dimba.evaluation.errors import EvalError
 from dimba.evaluation.judge import Judge, generative_perplexity
 from dimba.objectives.nll import unigram_nll
-from dimba.evaluation.infill import infill
-from dimba.evaluation.prompted import continue_prompts
+from dimba.evaluation.infill import infill, infill_passes
+from dimba.evaluation.progress import Progress
+from dimba.evaluation.prompted import PROMPT_GAIN_PASSES, continue_prompts
 from dimba.evaluation.speed import time_generation
 from dimba.evaluation.textgen import Request, generate
 from dimba.evaluation.textstats import text_stats
 from dimba.evaluation.valdata import as_batches, val_sequences
+
+
+# How much a CPU measures by default: the demo model's eval (configs/tiny.json, 128 tokens) in about 5 minutes
+# on 2 cores (benchmarks/results/demo-cpu.md). The dataclass defaults are a GPU's.
+CPU_SIZES = {"batches": 4, "t_samples": 8, "steps": [8, 32], "samples": 8, "prompts": 8, "gen_batch": 8,
+             "speed_repeats": 1}
 
 
 @dataclass
@@ -53,6 +63,13 @@ class EvalOptions:
     examples: int = 3                 # decoded texts kept in the report per step count
     seed: int = 0
 
+    @classmethod
+    def for_device(cls, device: torch.device | str, **overrides) -> "EvalOptions":
+        """The defaults for `device` (a GPU's, or CPU_SIZES on a CPU), with `overrides` that are not None on top."""
+        sizes = dict(CPU_SIZES) if torch.device(device).type == "cpu" else {}
+        sizes.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**sizes)
+
     def validate(self) -> None:
         for name in ("batches", "batch_size", "t_samples", "t_buckets", "samples", "prompts", "gen_batch",
                      "speed_repeats"):
@@ -66,9 +83,13 @@ class EvalOptions:
 
 def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = None,
              device: torch.device | str = "cpu", sampling: Optional[SamplingConfig] = None, model_path: str = "",
-             log: Callable[[str], None] = lambda msg: None) -> dict:
-    """The full report (a JSON-ready dict; see the module doc for its sections)."""
+             log: Callable[[str], None] = lambda msg: None, progress: Optional[Progress] = None,
+             on_section: Optional[Callable[[dict], None]] = None) -> dict:
+    """The full report (a JSON-ready dict; see the module doc for its sections). `progress` shows a bar per
+    section; `on_section(report)` is called after each section with the report so far ("complete": False until
+    the last), so a caller can write it as it grows and an interrupted evaluation keeps what it finished."""
     opts.validate()
+    progress = progress or Progress(enabled=False)
     cfg, model, tok = loaded.cfg, loaded.model, loaded.tokenizer
     objective = loaded.objective
     try:
@@ -84,72 +105,91 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
     warnings = judge.check(loaded) if judge is not None else []
     for w in warnings:
         log(f"warning: {w}")
-    timings: dict[str, float] = {}
-
-    def timed(name: str):
-        timings[name] = time.perf_counter()
-        log(f"{name} ...")
-
-    def done(name: str):
-        timings[name] = time.perf_counter() - timings[name]
 
     n_lik = opts.batches * opts.batch_size
     seqs = val_sequences(shards, tok, seq_len, max(n_lik, opts.prompts, opts.samples))
     batches = as_batches(seqs[:n_lik], opts.batch_size)
-    report: dict = {"model": loaded.describe(model_path), "judge": None, "warnings": warnings,
+    report: dict = {"complete": False, "model": loaded.describe(model_path), "judge": None, "warnings": warnings,
                     "data": {"shards": str(shards), "split": "val", "seq_len": seq_len,
                              "sequences_available": len(seqs), "likelihood_sequences": min(n_lik, len(seqs))},
                     "settings": {**asdict(opts), "seq_len": seq_len, "prompt_len": prompt_len,
-                                 "sampling": asdict(sampling), "device": str(device)}}
+                                 "sampling": asdict(sampling), "device": str(device)},
+                    "timings_s": {}}
     if judge is not None:
         report["judge"] = judge.info(tok)
 
-    timed("likelihood")
-    prior = unigram_log_probs(shards, cfg.model.vocab_size, cfg.model.pad_id)   # None: the shards have no train split
-    if prior is not None:     # the yardstick: the best NLL of a model that reads no context
-        report["likelihood_unigram"] = unigram_nll(prior, batches, cfg.model.pad_id)
-    report["likelihood"] = objective.likelihood(model, batches, opts.t_samples, opts.seed, device)
-    done("likelihood")
-    for name, section in objective.diagnostics(model, batches, prior, opts, device).items():
-        report[name] = section
-    step_counts = objective.step_counts(opts.steps, seq_len)
+    @contextmanager
+    def section(name: str, total: int):
+        """Time one section under a progress bar of `total` items; hand the report on when it is done."""
+        if not progress.enabled:
+            log(f"{name} ...")
+        t0 = time.perf_counter()
+        with progress.section(name, total) as tick:
+            yield tick
+        report["timings_s"][name] = time.perf_counter() - t0
+        if on_section is not None:
+            on_section(report)
+
+    with section("likelihood", len(batches)) as tick:
+        prior = unigram_log_probs(shards, cfg.model.vocab_size, cfg.model.pad_id)   # None: no train split
+        if prior is not None:     # the yardstick: the best NLL of a model that reads no context
+            report["likelihood_unigram"] = unigram_nll(prior, batches, cfg.model.pad_id)
+        report["likelihood"] = objective.likelihood(model, _ticking(batches, tick), opts.t_samples, opts.seed,
+                                                    device)
     lik = report["likelihood"]
     log(f"likelihood: {lik['nll_nats_per_token']:.4f} nats/token ({lik['kind']})")
+    if objective.has_diagnostics:
+        with section("diagnostics", 1) as tick:
+            report.update(objective.diagnostics(model, batches, prior, opts, device))
+            tick(1)
+    step_counts = objective.step_counts(opts.steps, seq_len)
 
     reference = [s.tolist() for s in seqs[:opts.samples]]
-    report["reference"] = {"sequences": len(reference), "length": seq_len, **text_stats(reference)}
-    if judge is not None:
-        report["reference"].update(generative_perplexity(judge, tok, reference, opts.gen_batch) or {})
+    with section("reference", 1) as tick:
+        report["reference"] = {"sequences": len(reference), "length": seq_len, **text_stats(reference)}
+        if judge is not None:
+            report["reference"].update(generative_perplexity(judge, tok, reference, opts.gen_batch) or {})
+        tick(1)
 
     report["generation"], report["prompted"], report["infill"], report["speed"] = [], [], [], []
+    n_prompts = min(opts.prompts, len(seqs))
+    judged = judge is not None       # the bars count the judge's passes over the texts too
+    gain_passes = PROMPT_GAIN_PASSES if judged and n_prompts >= 2 else 0
     for steps in step_counts:
         samp = objective.with_steps(sampling, steps)
         label = {"steps": steps, "sampler": samp.sampler}
-        timed(f"generation@{steps}")
-        requests = [Request(prefix=[], middle_length=seq_len) for _ in range(opts.samples)]
-        results, _ = generate(model, cfg, requests, samp, seed=opts.seed, batch_size=opts.gen_batch, device=device)
-        tokens = [r.middle for r in results]
-        row = {**label, "samples": len(tokens), "length": seq_len, **text_stats(tokens)}
-        if judge is not None:
-            row.update(generative_perplexity(judge, tok, tokens, opts.gen_batch) or {})
-        row["examples"] = [tok.decode(t) for t in tokens[:opts.examples]]
-        report["generation"].append(row)
-        done(f"generation@{steps}")
-        timed(f"prompted@{steps}")
-        report["prompted"].append({**label, **continue_prompts(model, cfg, tok, seqs[:opts.prompts], prompt_len, samp,
-                                                               opts.seed + 1, opts.gen_batch, device, opts.examples,
-                                                               judge)})
-        done(f"prompted@{steps}")
-        timed(f"infill@{steps}")
-        report["infill"].append({**label, **infill(model, cfg, tok, seqs[:opts.prompts], samp, opts.seed + 2,
-                                                   opts.gen_batch, device)})
-        done(f"infill@{steps}")
-        timed(f"speed@{steps}")
-        report["speed"].append({**label, **time_generation(model, cfg, samp, opts.speed_batch or opts.gen_batch,
-                                                           seq_len, opts.speed_repeats, opts.seed, device)})
-        done(f"speed@{steps}")
+        with section(f"generation@{steps}", opts.samples * (1 + judged)) as tick:
+            requests = [Request(prefix=[], middle_length=seq_len) for _ in range(opts.samples)]
+            results, _ = generate(model, cfg, requests, samp, seed=opts.seed, batch_size=opts.gen_batch,
+                                  device=device, on_batch=tick)
+            tokens = [r.middle for r in results]
+            row = {**label, "samples": len(tokens), "length": seq_len, **text_stats(tokens)}
+            if judge is not None:
+                row.update(generative_perplexity(judge, tok, tokens, opts.gen_batch) or {})
+                tick(len(tokens))
+            row["examples"] = [tok.decode(t) for t in tokens[:opts.examples]]
+            report["generation"].append(row)
+        with section(f"prompted@{steps}", n_prompts * (1 + gain_passes)) as tick:
+            report["prompted"].append({**label, **continue_prompts(
+                model, cfg, tok, seqs[:opts.prompts], prompt_len, samp, opts.seed + 1, opts.gen_batch, device,
+                opts.examples, judge, on_batch=tick)})
+        with section(f"infill@{steps}", n_prompts * infill_passes(cfg)) as tick:
+            report["infill"].append({**label, **infill(model, cfg, tok, seqs[:opts.prompts], samp, opts.seed + 2,
+                                                       opts.gen_batch, device, on_batch=tick)})
+        with section(f"speed@{steps}", opts.speed_repeats + 1) as tick:
+            report["speed"].append({**label, **time_generation(
+                model, cfg, samp, opts.speed_batch or opts.gen_batch, seq_len, opts.speed_repeats, opts.seed,
+                device, on_batch=tick)})
         log(f"steps {steps}: entropy {row['unigram_entropy_bits']:.2f} bits, rep {row['repetition_rate']:.3f}"
             + (f", gen PPL {row['gen_ppl']:.1f}" if row.get("gen_ppl") is not None else "")
             + f", BLEU {report['prompted'][-1]['bleu']:.2f}, {report['speed'][-1]['tokens_per_s']:.0f} tok/s")
-    report["timings_s"] = timings
+    report["complete"] = True
+    if on_section is not None:
+        on_section(report)
     return report
+
+
+def _ticking(items: Iterable, tick: Callable[[int], None]) -> Iterator:
+    for item in items:
+        yield item
+        tick(1)

@@ -33,19 +33,24 @@ def _score(results, sequences: torch.Tensor, prefix: int, middle: int, tokenizer
             "bleu": bleu([tokenizer.decode(g) for g in got], [tokenizer.decode(t) for t in truth])}
 
 
+def infill_passes(cfg) -> int:
+    """How many times `infill` generates every window: prefix only, then with the suffix where the objective reads one."""
+    return 2 if get_objective(cfg).uses_suffix else 1
+
+
 def infill(model, cfg, tokenizer, sequences: torch.Tensor, sampling: SamplingConfig, seed: int = 0,
-           batch_size: int = 16, device: torch.device | str = "cpu") -> dict:
+           batch_size: int = 16, device: torch.device | str = "cpu", on_batch=None) -> dict:
     """Infilling scores on (N, L) held-out windows: with the prefix only (every objective) and with the suffix too
-    (objectives that can read one)."""
+    (objectives that can read one: `infill_passes`). `on_batch(n)`: after each batch of n windows."""
     prefix, middle, suffix = split_window(sequences.size(1))
     out = {"windows": len(sequences), "prefix_len": prefix, "middle_len": middle, "suffix_len": suffix}
     hidden = sequences[:, prefix:prefix + middle]
     out["mode_baseline"] = (hidden == torch.mode(sequences.flatten()).values).float().mean().item()
     prefix_only = [Request(s[:prefix].tolist(), middle) for s in sequences]
-    results, _ = generate(model, cfg, prefix_only, sampling, seed, batch_size, device)
+    results, _ = generate(model, cfg, prefix_only, sampling, seed, batch_size, device, on_batch)
     out["prefix_only"] = _score(results, sequences, prefix, middle, tokenizer)
-    if get_objective(cfg).uses_suffix:
+    if infill_passes(cfg) == 2:
         framed = [Request(s[:prefix].tolist(), middle, s[prefix + middle:].tolist()) for s in sequences]
-        results, _ = generate(model, cfg, framed, sampling, seed, batch_size, device)
+        results, _ = generate(model, cfg, framed, sampling, seed, batch_size, device, on_batch)
         out["with_suffix"] = _score(results, sequences, prefix, middle, tokenizer)
     return out

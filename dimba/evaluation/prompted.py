@@ -23,6 +23,7 @@ from dimba.config.schema import SamplingConfig
 from dimba.evaluation.textgen import Request, generate
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+PROMPT_GAIN_PASSES = 3       # the judge scores every prompt three times: own prompt + continuation, other's, alone
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -44,14 +45,16 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 def continue_prompts(model, cfg, tokenizer, sequences: torch.Tensor, prompt_len: int, sampling: SamplingConfig,
                      seed: int = 0, batch_size: int = 16, device: torch.device | str = "cpu",
-                     examples: int = 3, judge=None) -> dict:
+                     examples: int = 3, judge=None, on_batch=None) -> dict:
     """Continue each sequence's first `prompt_len` tokens by the rest of its length; BLEU/ROUGE vs the truth, and
-    with a `judge` the prompt gain (`prompt_gain`)."""
+    with a `judge` the prompt gain (`prompt_gain`). `on_batch(n)`: after each batch of n prompts, and with a judge
+    once more with n = PROMPT_GAIN_PASSES x prompts when it has scored them."""
     length = sequences.size(1)
     if not 1 <= prompt_len < length:
         raise ValueError(f"prompt length must be in [1, {length - 1}] for {length}-token sequences, got {prompt_len}")
     requests = [Request(prefix=s[:prompt_len].tolist(), middle_length=length - prompt_len) for s in sequences]
-    results, stats = generate(model, cfg, requests, sampling, seed=seed, batch_size=batch_size, device=device)
+    results, _ = generate(model, cfg, requests, sampling, seed=seed, batch_size=batch_size, device=device,
+                          on_batch=on_batch)
     hyps = [tokenizer.decode(r.middle) for r in results]
     refs = [tokenizer.decode(s[prompt_len:]) for s in sequences]
     out = {"prompts": len(requests), "prompt_len": prompt_len, "continuation_len": length - prompt_len,
@@ -59,6 +62,8 @@ def continue_prompts(model, cfg, tokenizer, sequences: torch.Tensor, prompt_len:
     if judge is not None and len(requests) >= 2:
         out.update(prompt_gain(judge, tokenizer, [r.prefix for r in requests], [r.middle for r in results],
                                batch_size))
+        if on_batch is not None:
+            on_batch(PROMPT_GAIN_PASSES * len(requests))
     out["examples"] = [{"prompt": tokenizer.decode(sequences[i, :prompt_len]), "continuation": hyps[i],
                         "truth": refs[i]} for i in range(min(examples, len(hyps)))]
     return out

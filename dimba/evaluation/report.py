@@ -7,6 +7,8 @@ Tensorboard: scalars named eval/... written to RUN_DIR/tb at the checkpoint's st
     eval/denoise/loss_t{lo:.2f}-{hi:.2f}                 (DIMBA)
     eval/steps{n}/{gen_ppl, unigram_entropy_bits, distinct_2, repetition_rate, bleu, rougeL_f, tokens_per_s,
                    latency_s}
+Summary: a few human lines for the console (`summary`): the likelihood beside the unigram NLL, each step count's
+samples beside the held-out text, the prompt gain and infilling beside their yardsticks.
 Plot: quality against sampling steps (gen PPL, unigram entropy, BLEU/ROUGE-L, tokens/s), with the held-out
 text's values as dashed reference lines.
 """
@@ -85,6 +87,53 @@ def write_tensorboard(report: dict, run_dir: str | Path, step: int) -> Path:
     finally:
         writer.close()
     return tb
+
+
+def _num(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def summary(report: dict) -> list[str]:
+    """The headline numbers as short lines, each beside what it should be read against."""
+    lines = []
+    lik, uni = report["likelihood"], report.get("likelihood_unigram")
+    what = "exact NLL" if lik["kind"] == "exact" else "NLL bound"
+    se = f" ± {lik['stderr_nats']:.3f}" if lik.get("stderr_nats") is not None else ""
+    ppl = lik.get("ppl", lik.get("ppl_bound"))
+    line = f"{what}: {lik['nll_nats_per_token']:.3f}{se} nats/token (PPL {_num(ppl, '.1f')})"
+    if uni is not None:
+        gain = uni["nll_nats_per_token"] - lik["nll_nats_per_token"]
+        line += (f"; unigram model {uni['nll_nats_per_token']:.3f} (PPL {_num(uni['ppl'], '.1f')}): "
+                 f"context earns {gain:+.3f} nats/token")
+    lines.append(line)
+    ref = report.get("reference", {})
+    if ref:
+        lines.append(f"held-out text: unigram entropy {ref['unigram_entropy_bits']:.2f} bits"
+                     + (f", gen PPL {ref['gen_ppl']:.1f}" if ref.get("gen_ppl") is not None else ""))
+    prompted = {r["steps"]: r for r in report.get("prompted", [])}
+    infill = {r["steps"]: r for r in report.get("infill", [])}
+    speed = {r["steps"]: r for r in report.get("speed", [])}
+    for row in report.get("generation", []):
+        steps = row["steps"]
+        parts = [f"entropy {row['unigram_entropy_bits']:.2f} bits"]
+        if row.get("gen_ppl") is not None:
+            ratio = f" ({row['gen_ppl'] / ref['gen_ppl']:.2f}x the text's)" if ref.get("gen_ppl") else ""
+            parts.append(f"gen PPL {row['gen_ppl']:.1f}{ratio}")
+        parts.append(f"repetition {row['repetition_rate']:.3f}")
+        p = prompted.get(steps, {})
+        if p.get("prompt_gain_nats") is not None:
+            parts.append(f"prompt gain {p['prompt_gain_nats']:.3f} nats/token")
+        elif p:
+            parts.append(f"BLEU {p['bleu']:.2f}")
+        f = infill.get(steps, {})
+        if f:
+            acc = f.get("with_suffix", f["prefix_only"])["token_accuracy"]
+            which = "with suffix" if "with_suffix" in f else "prefix only"
+            parts.append(f"infill accuracy {acc:.3f} {which} (most frequent token {f['mode_baseline']:.3f})")
+        if steps in speed:
+            parts.append(f"{speed[steps]['tokens_per_s']:.0f} tokens/s")
+        lines.append(f"T={steps}: " + ", ".join(parts))
+    return lines
 
 
 def plot(report: dict, path: str | Path) -> Path:

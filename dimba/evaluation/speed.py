@@ -25,14 +25,17 @@ def _sync(device) -> None:
 
 
 def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, length: int, repeats: int = 3,
-                    seed: int = 0, device: torch.device | str = "cpu") -> dict:
-    """latency_s (median of `repeats`), latency_min_s, tokens_per_s = batch_size * length / latency_s."""
+                    seed: int = 0, device: torch.device | str = "cpu", on_batch=None) -> dict:
+    """latency_s (median of `repeats`), latency_min_s, tokens_per_s = batch_size * length / latency_s.
+    `on_batch(1)`: after the warm-up and after each timed batch (outside the timing)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     requests = [Request(prefix=[], middle_length=length) for _ in range(batch_size)]
     objective = get_objective(cfg)
     warm = objective.with_steps(sampling, 1) if objective.parallel else sampling
     generate(model, cfg, requests, warm, seed=seed, batch_size=batch_size, device=device)   # warm-up
+    tick = on_batch or (lambda n: None)
+    tick(1)
     times = []
     for r in range(repeats):
         _sync(device)
@@ -40,6 +43,7 @@ def time_generation(model, cfg, sampling: SamplingConfig, batch_size: int, lengt
         generate(model, cfg, requests, sampling, seed=seed + 1 + r, batch_size=batch_size, device=device)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        tick(1)
     latency = statistics.median(times)
     return {"batch": batch_size, "length": length, "repeats": repeats, "latency_s": latency,
             "latency_min_s": min(times), "tokens_per_s": batch_size * length / latency, "device": str(device)}

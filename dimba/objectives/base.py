@@ -98,6 +98,7 @@ class Objective(abc.ABC):
     parallel: ClassVar[bool] = True                    # True: `sampling.steps` denoising passes; False: one per token
     gather_for_sampling: ClassVar[bool] = False        # reads weights outside module forwards (ZeRO-3 must gather)
     summary_file: ClassVar[str] = ""                   # the run directory's JSON of `summary()` (the learned state)
+    has_diagnostics: ClassVar[bool] = False            # True: `diagnostics` adds report sections
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

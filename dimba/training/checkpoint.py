@@ -26,8 +26,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -59,9 +61,22 @@ def safe_deepspeed_load() -> Iterator[None]:
     plain checkpoint classes allowed, so a tampered checkpoint cannot execute code."""
     original = torch.load
 
-    def load(*args, **kwargs):
+    def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+        try:
+            with warnings.catch_warnings():      # a foreign file's pickle protocol: the refusal below says it all
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:       # torch's message advises weights_only=False: the unsafe way
+            why = next((ln.strip().rstrip(".") for ln in str(e).splitlines() if "nsupported" in ln), "unsafe content")
+            raise CheckpointError(f"{f} holds objects a weights-only load refuses ({why}): "
+                                  "it was tampered with or not written by DeepSpeed, and was not loaded; use another "
+                                  "checkpoint") from None
+        except (EOFError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+                raise
+            raise CheckpointError(f"{f} is unreadable (truncated or corrupt: {str(e).split('. ')[0]}); use an "
+                                  "earlier checkpoint") from None
 
     torch.load = load
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import traceback
@@ -28,6 +29,8 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+
+from dimba.console import hush_stdout, launcher_flags
 
 COLLECTIVE_TIMEOUT_S = 900.0
 
@@ -54,8 +57,8 @@ def deepspeed_command(script: str, args: list[str], ranks: int | None = None) ->
     """`deepspeed [--num_gpus N] script args` on this machine (ranks None: every GPU; on a machine without GPUs
     the launcher runs N CPU ranks with gloo), on a free master port so several launches can coexist."""
     gpus = ["--num_gpus", str(ranks)] if ranks else []
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *gpus, "--master_port", str(free_port()),
-            script, *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *launcher_flags(), *gpus, "--master_port",
+            str(free_port()), script, *args]
 
 
 def resolve_env(environ: dict | None = None) -> dict:
@@ -95,7 +98,8 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=collective_timeout_s()))
+        with hush_stdout():                     # DeepSpeed prints "shm_comm_op built successfully" on CPU ranks
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=collective_timeout_s()))
         if backend == "gloo":
             _unlink_shm_buffer(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -138,7 +142,7 @@ def one_line(e: BaseException) -> str:
     carries the worker's traceback in its message: its last line is the error."""
     text = str(e).strip()
     if "Original Traceback" in text:
-        return text.splitlines()[-1]
+        return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", text.splitlines()[-1])    # dimba.data.errors.X: -> X:
     return f"{type(e).__name__}: {' '.join(text.split()) or '(no message)'}"
 
 

@@ -17,8 +17,8 @@ from dimba.data.shards import unigram_log_probs
 from dimba.training.distributed import DistInfo
 from dimba.training.lr import lr_factor
 
-# Dense bf16 peak per GPU (torchtitan / llm-foundry figures); this workplace also measured ~790 TFLOP/s for a
-# large bf16 matmul on H100/H200 (report against both: see benchmarks/bench_train.py).
+# Dense bf16 peak per GPU (torchtitan / llm-foundry figures); a large bf16 matmul reaches about 790 TFLOP/s
+# on H100/H200 in practice (report against both: see benchmarks/bench_train.py).
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -23,13 +24,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dimba.config.core import ConfigError
 from dimba.config.schema import Config, config_from_dict
 from dimba.model.build import count_parameters
 from dimba.objectives import OBJECTIVES, build_model, get_objective
-from dimba.training.checkpoint import COMPLETE, latest_checkpoint, safe_deepspeed_load
+from dimba.training.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, safe_deepspeed_load
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
 
@@ -49,14 +51,40 @@ def resolve_checkpoint(path: Path) -> Path:
         raise ModelLoadError(f"checkpoint {path} is incomplete (its save was interrupted); use an earlier one")
     ckpt = latest_checkpoint(path / "checkpoints")
     if ckpt is None:
-        raise ModelLoadError(f"{path} holds no complete checkpoint (no checkpoints/step-*/{COMPLETE}); "
-                             "is it a training run directory?")
+        if (path / CONFIG_FILE).is_file() and not (path / "checkpoints").is_dir():
+            raise ModelLoadError(f"{path} has {CONFIG_FILE} but no {MODEL_FILE}: an incomplete converted model; "
+                                 f"convert the checkpoint again with tools/convert.py")
+        raise ModelLoadError(f"{path} holds no complete checkpoint (no checkpoints/step-*/{COMPLETE}) and no "
+                             f"{MODEL_FILE}; pass a run directory, a checkpoint folder or a converted model folder")
     return ckpt
 
 
+def checkpoint_state(ckpt: Path) -> dict:
+    """The checkpoint's state.json (DIMBA's own state: config, step, tokenizer sha256, ...)."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or "config" not in state or "step" not in state:
+            raise ValueError("no config or step in it")
+        return state
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"checkpoint {ckpt} has no readable state.json ({type(e).__name__}: {e}); "
+                             "use an earlier checkpoint") from None
+
+
 def checkpoint_config(ckpt: Path) -> tuple[Config, int]:
-    state = json.loads((ckpt / "state.json").read_text())
-    return config_from_dict(state["config"]), int(state["step"])
+    state = checkpoint_state(ckpt)
+    try:
+        return config_from_dict(state["config"]), int(state["step"])
+    except ConfigError as e:
+        raise ModelLoadError(f"checkpoint {ckpt / 'state.json'}: {e}") from None
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or corrupt file is a one-line ModelLoadError saying `what` to do."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{path} is unreadable (truncated or corrupt: {e}); {what}") from None
 
 
 def checkpoint_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tensor]:
@@ -65,12 +93,16 @@ def checkpoint_weights(ckpt: Path, weights: str = "ema") -> dict[str, torch.Tens
         ema = ckpt / "ema.safetensors"
         if not ema.is_file():
             raise ModelLoadError(f"checkpoint {ckpt} has no EMA (training.ema_decay was 0); use --weights raw")
-        return load_file(str(ema))
+        return read_safetensors(ema, "use an earlier checkpoint, or --weights raw")
     if weights != "raw":
         raise ModelLoadError(f"--weights must be ema or raw, got {weights!r}")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    with safe_deepspeed_load(), contextlib.redirect_stdout(None):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    try:
+        chatter = io.StringIO()                  # its banner and progress bar
+        with safe_deepspeed_load(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -88,7 +120,7 @@ def find_tokenizer(ckpt: Path, cfg: Config) -> Path:
             path = Path(load_tokenizer(cfg.data).path)
         except Exception as e:
             raise ModelLoadError(f"cannot find the tokenizer of {ckpt}: {e}") from None
-    made_with = json.loads((ckpt / "state.json").read_text()).get("tokenizer_sha256")
+    made_with = checkpoint_state(ckpt).get("tokenizer_sha256")
     _check_tokenizer_sha(path, made_with, f"checkpoint {ckpt / 'state.json'}")
     return path
 
@@ -187,10 +219,10 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu", weights
         except (ConfigError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{path / CONFIG_FILE} is not a DIMBA config: {e}") from None
         from safetensors import safe_open
+        state = read_safetensors(path / MODEL_FILE, "convert the checkpoint again with tools/convert.py")
         with safe_open(str(path / MODEL_FILE), "pt") as f:
             meta = f.metadata() or {}
         step = int(meta.get("step", 0))
-        state = load_file(str(path / MODEL_FILE))
         tok_path, source, run_dir = path / TOKENIZER_FILE, str(path / MODEL_FILE), None
     else:
         ckpt = resolve_checkpoint(path)

@@ -26,6 +26,7 @@ class GaussianObjective(Objective):
     name = "gaussian"
     samplers = SAMPLERS["gaussian"]
     summary_file = "time_warp.json"
+    has_diagnostics = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
