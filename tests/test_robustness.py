@@ -20,7 +20,7 @@ import pytest
 from dimba.training.checkpoint import latest_checkpoint
 from dimba.training.distributed import free_port
 from dimba.training.status import STALE_MIN_S, read_status, record_failure, write_status
-from tests.launch import ROOT, deepspeed_cmd, env
+from tests.launch import ROOT, deepspeed_cmd, env, run
 from tests.test_training import TINY
 
 BOUND_S = 60          # from the fault (or signal) to the last process gone; measured figures are printed
@@ -199,6 +199,17 @@ def test_sigterm_to_the_launcher_reaches_the_ranks(bundled_shards, tmp_path):
     status = read_status(run_dir)
     assert status["state"] == "interrupted" and status["message"] == "stopped by SIGTERM", status
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{status['step']:08d}"
+
+
+def test_data_too_small_for_the_ranks_is_one_line_before_anything_starts(bundled_shards, tmp_path):
+    """seq_len so long that the train split cannot give each of 2 ranks one batch: refused by every rank before the
+    process group exists, printed once (rank 0), exit 2, and the run directory is never made."""
+    run_dir = tmp_path / "r"
+    proc = run(deepspeed_cmd("launch/train.py", train_args(run_dir, bundled_shards, "--set", "data.seq_len=100000")))
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fewer than one batch per lane: 2 lanes" in errors[0] and "Traceback" not in proc.stderr
+    assert not run_dir.exists()
 
 
 def _hashes(run_dir: Path) -> dict[str, str]:

@@ -105,6 +105,18 @@ class _RankStream(IterableDataset):
                                 self.world_size, start=self.start + worker, stride=workers, finite=self.finite)
 
 
+def epoch_plan(cfg: DataConfig, split: str, batch_size: int, lanes: int, manifest=None) -> EpochPlan:
+    """The data plan of one split for `lanes` = world size x accumulation steps; a DataError when the split cannot
+    fill one batch per lane (checked before any rank starts: dimba.training.run.check_data)."""
+    manifest = manifest or read_manifest(cfg.shards)
+    shards = manifest.split(split)
+    if not shards:
+        raise DataError(f"no {split} shards in {cfg.shards} (the manifest lists none); "
+                        + ("re-shard with a --val-fraction above 0" if split == "val" else "re-shard"))
+    return EpochPlan(tuple(shards), split, cfg.seq_len, batch_size, lanes, cfg.seed, cfg.shuffle_buffer,
+                     shuffle=(split == "train"))
+
+
 class TokenLoader:
     def __init__(self, cfg: DataConfig, split: str = "train", batch_size: int = 8, rank: int = 0,
                  world_size: int = 1, accumulation: int = 1):
@@ -117,12 +129,7 @@ class TokenLoader:
         cfg.clean.validate()
         self.cfg, self.split, self.batch_size, self.rank, self.world_size = cfg, split, batch_size, rank, world_size
         self.manifest = read_manifest(cfg.shards)
-        shards = self.manifest.split(split)
-        if not shards:
-            raise DataError(f"no {split} shards in {cfg.shards} (the manifest lists none); "
-                            + ("re-shard with a --val-fraction above 0" if split == "val" else "re-shard"))
-        self.plan = EpochPlan(tuple(shards), split, cfg.seq_len, batch_size, world_size * accumulation, cfg.seed,
-                              cfg.shuffle_buffer, shuffle=(split == "train"))
+        self.plan = epoch_plan(cfg, split, batch_size, world_size * accumulation, self.manifest)
         self._batches = 0
         self._corrupt: set[str] = set()
         self._open = None                  # the DataLoader iterator of a pass in progress (its workers)

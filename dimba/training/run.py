@@ -21,12 +21,18 @@ def default_run_dir(config_path: str) -> Path:
     return Path("runs") / Path(config_path).stem
 
 
-def check_data(cfg: Config) -> None:
-    """Clear errors for data that cannot feed this model, before any process group exists."""
+def check_data(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Clear errors for data that cannot feed this model, before any process group exists; with `world_size`,
+    also that each split fills one batch per rank and accumulation step."""
     shards = Path(cfg.data.shards)
     if not (shards / "manifest.json").is_file():
         raise ConfigError(f"data.shards: {shards} has no manifest.json; prepare shards with "
                           "`python data_prep/shard.py --input ... --output DIR` and pass --set data.shards=DIR")
+    if world_size is not None:
+        from dimba.data.loader import epoch_plan
+        epoch_plan(cfg.data, "train", cfg.micro_batch_size, world_size * cfg.grad_accum)
+        if cfg.evaluation.val_every:
+            epoch_plan(cfg.data, "val", cfg.micro_batch_size, world_size)
 
 
 def open_tokenizer(cfg: Config):
@@ -59,13 +65,15 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     from dimba.data.errors import DataError
     from dimba.training.checkpoint import resume_refusal
     from dimba.training.distributed import resolve_env
+    first_rank = (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
     try:
         cfg = load_config(config_path, overrides)
-        check_data(cfg)
-        tokenizer = open_tokenizer(cfg)
         world_size = int(resolve_env()["WORLD_SIZE"])
+        check_data(cfg, world_size)
+        tokenizer = open_tokenizer(cfg)
     except (ConfigError, DataError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if first_rank:                                    # every rank sees the same: one line is enough
+            print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(run_dir) if run_dir else default_run_dir(config_path)
     try:
@@ -73,7 +81,8 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     except (OSError, ValueError, KeyError) as e:
         refusal = f"cannot read the run directory {run_dir} ({type(e).__name__}: {e}); fix it or use a new --run-dir"
     if refusal:
-        print(f"error: {refusal}", file=sys.stderr)
+        if first_rank:
+            print(f"error: {refusal}", file=sys.stderr)
         return 1
     from dimba.data.loader import TokenLoader
     from dimba.training.distributed import exit_on_error, init_distributed, one_line, peer_lost
