@@ -85,7 +85,7 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
             print(f"error: {refusal}", file=sys.stderr)
         return 1
     from dimba.data.loader import TokenLoader
-    from dimba.training.distributed import exit_on_error, init_distributed, one_line, peer_lost
+    from dimba.training.distributed import exit_on_error, init_distributed, one_line, peer_lost, shutdown
     from dimba.training.status import record_failure
     from dimba.training.trainer import Trainer, TrainingStopped
 
@@ -120,4 +120,5 @@ def main(config_path: str, run_dir: Optional[str], overrides: list[str]) -> int:
     stop.release()
     for lo in loaders:
         lo.close()
+    shutdown()
     return code

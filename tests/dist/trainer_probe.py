@@ -154,6 +154,8 @@ def main():
             save_file(outputs, str(Path(args.run_dir) / "engine_outputs.safetensors"))
     if info.rank == 0:
         Path(args.out).write_text(json.dumps(report))
+    from dimba.training.distributed import shutdown
+    shutdown()
 
 
 if __name__ == "__main__":
