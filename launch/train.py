@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from dimba.cli import ArgumentParser
+from dimba.cli import ArgumentParser, positive_int
 from dimba.console import quiet
 from dimba.training.run import main
 
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set training.lr=3e-4 (repeatable)")
-    p.add_argument("--ranks", type=int, default=None, metavar="N",
+    p.add_argument("--ranks", type=positive_int, default=None, metavar="N",
                    help="start N ranks on this machine with DeepSpeed's launcher and pass stop signals on to them")
     p.add_argument("--verbose", action="store_true", help="also show third-party warnings and launcher logs")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -52,8 +52,6 @@ if __name__ == "__main__":
     args = parse_args()
     quiet(args.verbose)
     if args.ranks is not None:
-        if args.ranks < 1:
-            sys.exit("error: --ranks must be at least 1")
         from dimba.training.supervise import main as supervise
         sys.exit(supervise(args.ranks, os.path.abspath(__file__), rank_argv(sys.argv[1:])))
     sys.exit(main(args.config, args.run_dir, args.overrides))

@@ -2,20 +2,20 @@
 import subprocess
 import sys
 
-import pytest
+import torch
 
 from tests.launch import ROOT, env
 
 IMPORT = "from dimba.console import quiet; quiet(); import deepspeed; print('imported')"
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the accelerator guess is a CPU machine's")
-def test_deepspeed_imports_quietly_and_verbose_shows_its_warning():
+def test_deepspeed_imports_quietly_and_verbose_shows_its_accelerator_guess():
     quiet = subprocess.run([sys.executable, "-c", IMPORT], cwd=ROOT, env=env(), capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stdout == "imported\n" and "accelerator" not in quiet.stderr, quiet
-    loud = subprocess.run([sys.executable, "-c", IMPORT], cwd=ROOT, env={**env(), "DIMBA_VERBOSE": "1"},
-                          capture_output=True, text=True)
-    assert "Setting accelerator to CPU" in loud.stdout + loud.stderr, loud
+    if not torch.cuda.is_available():     # with CUDA, DeepSpeed finds it and has nothing to warn about
+        loud = subprocess.run([sys.executable, "-c", IMPORT], cwd=ROOT, env={**env(), "DIMBA_VERBOSE": "1"},
+                              capture_output=True, text=True)
+        assert "Setting accelerator to CPU" in loud.stdout + loud.stderr, loud
 
 
 def test_verbose_reaches_the_launcher_and_the_ranks(monkeypatch):
