@@ -40,8 +40,12 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
         ("masked", "ancestral", 4), ("ar", "recurrent", 32), ("masked", "confidence", 2), ("masked", "confidence", 4)]
     assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("gaussian", "masked", "ar")
                                                                     for b in (1, 4)}
-    fill = {r["model"]: r for r in report["infill"]}
-    assert "with_suffix" in fill["gaussian"] and "with_suffix" in fill["masked"] and "with_suffix" not in fill["ar"]
+    fill = {(r["model"], r["decoding"]): r for r in report["infill"]}
+    assert [(r["model"], r["decoding"], r["sampler"]) for r in report["infill"]] == [
+        ("gaussian", "sampled", "ddim"), ("gaussian", "greedy", "ddim"), ("masked", "sampled", "ancestral"),
+        ("masked", "greedy", "confidence"), ("ar", "sampled", "recurrent"), ("ar", "greedy", "recurrent")]
+    assert all("with_suffix" in fill[k, d] for k in ("gaussian", "masked") for d in ("sampled", "greedy"))
+    assert "with_suffix" not in fill["ar", "greedy"]
     assert [(r["model"], r["guidance"]) for r in report["guidance"]] == [
         ("gaussian", 0.0), ("gaussian", 1.0), ("gaussian", 2.0), ("masked", 0.0), ("masked", 1.0), ("masked", 2.0),
         ("ar", None)]
@@ -121,3 +125,15 @@ def test_set_changes_both_models_and_refuses_a_reused_twin(tmp_path):
     for kind in ("gaussian", "masked", "ar"):
         cfg = compare_ar.load_config(ROOT / scale.config, compare_ar.train_overrides(scale, tmp_path, kind))
         assert cfg.training.max_steps == 8
+
+
+def test_infill_goal_reads_the_greedy_rows_where_measured():
+    """Position-wise accuracy is read at each side's best guess (argmax) when the report has it; the sampled rows
+    beside it do not count, and a report with sampled rows only is read at those."""
+    r = report(fill=(0.01, 0.01))
+    r["infill"] += [{"model": "masked", "steps": 32, "decoding": "greedy", "with_suffix": {"token_accuracy": 0.3},
+                     "mode_baseline": 0.05},
+                    {"model": "ar", "steps": None, "decoding": "greedy", "prefix_only": {"token_accuracy": 0.1}}]
+    goal = compare_ar.goals(r)[3]
+    assert goal["met"] and "greedy decoding" in goal["goal"] and goal["value"].startswith("0.300 vs 0.100")
+    assert not compare_ar.goals(report(fill=(0.01, 0.01)))[3]["met"]

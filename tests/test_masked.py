@@ -208,3 +208,23 @@ def test_padding_and_mask_ids_in_the_data_are_never_scored():
     clean[:, :8] = True
     r = obj.loss(Flat(), {"tokens": tokens, "clean": clean}, make_draw(0, 0, 16, 16))
     assert torch.isfinite(r.loss) and all(torch.isfinite(v) for v in r.metrics.values())
+
+
+def test_best_guess_is_the_argmax_decoding_of_each_objective():
+    """What infilling's accuracy is read at: argmax picks, deterministic whatever the seed; the masked objective's
+    is the confidence sampler, which writes a confident model's tokens exactly."""
+    for name in OBJECTIVES:
+        cfg = config_from_dict({"objective": name, "model": {"vocab_size": V, "d_model": 32, "n_layers": 1,
+                                                              "d_state": 8, "headdim": 16, "mask_id": MASK,
+                                                              "bidirectional": name != "ar"}})
+        obj = get_objective(cfg)
+        guess = obj.best_guess(cfg.sampling)
+        assert guess.greedy and guess.sampler in obj.samplers
+    obj = get_objective(make())
+    guess = obj.best_guess(SamplingConfig(steps=4, temperature=2.0))
+    assert guess.sampler == "confidence"
+    target = torch.randint(5, V, (1, 10))
+    model = Copy(target)
+    req = Request(target[0, :3].tolist(), 5, target[0, 8:].tolist())
+    outs = [obj.generate(model, [req], guess, torch.Generator().manual_seed(s), "cpu")[0] for s in (0, 1)]
+    assert outs[0] == outs[1] == target[0, 3:8].tolist()

@@ -94,6 +94,7 @@ class Objective(abc.ABC):
     """Base of the objectives; see the module doc. Subclasses set `name`, `samplers` and the abstract methods."""
     name: ClassVar[str] = ""
     samplers: ClassVar[tuple[str, ...]] = ()           # the first is the default
+    best_guess_sampler: ClassVar[str] = ""             # the sampler of `best_guess` ("": the configured one)
     uses_suffix: ClassVar[bool] = True                 # False: generation reads the prefix only (AR)
     parallel: ClassVar[bool] = True                    # True: `sampling.steps` denoising passes; False: one per token
     gather_for_sampling: ClassVar[bool] = False        # reads weights outside module forwards (ZeRO-3 must gather)
@@ -150,6 +151,12 @@ class Objective(abc.ABC):
             raise ConfigError(f"sampler {name!r} does not belong to the {self.name} objective; use one of "
                               f"{', '.join(self.samplers)}")
         return replace(sampling, sampler=name)
+
+    def best_guess(self, sampling: SamplingConfig) -> SamplingConfig:
+        """`sampling` made a point estimate (argmax picks, with `best_guess_sampler` where set): what accuracy-type
+        scores such as infilling's should decode with, since the argmax maximises the expected number of hits."""
+        from dataclasses import replace
+        return self.sampling(replace(sampling, sampler=self.best_guess_sampler or sampling.sampler, greedy=True))
 
     def sample_frame(self, model: nn.Module, tokens: torch.Tensor, clean: torch.Tensor, sampling: SamplingConfig,
                      generator: torch.Generator, device, on_step: Optional[Callable[[int, int], None]] = None

@@ -26,6 +26,7 @@ from dimba.objectives.nll import ppl, stderr
 class MaskedObjective(Objective):
     name = "masked"
     samplers = SAMPLERS["masked"]
+    best_guess_sampler = "confidence"      # argmax picks, most confident first (MaskGIT / LLaDA decoding)
 
     def __init__(self, cfg):
         super().__init__(cfg)
