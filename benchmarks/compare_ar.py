@@ -361,7 +361,8 @@ def stage_eval(out: Path, scale: Scale, names: list[str], judge_spec: str, devic
                                  **infill(m.model, m.cfg, tok, windows, cfg, 2, scale.gen_batch, device)})
         if "ar" in which:
             a = models["ar"]
-            for decoding, cfg in (("sampled", a.cfg.sampling), ("greedy", a.objective.best_guess(a.cfg.sampling))):
+            own = a.objective.sampling(a.cfg.sampling)
+            for decoding, cfg in (("sampled", own), ("greedy", a.objective.best_guess(own))):
                 rows.append({"model": "ar", "steps": None, "decoding": decoding, "sampler": cfg.sampler,
                              **infill(a.model, a.cfg, tok, windows, cfg, 2, scale.gen_batch, device)})
         return rows
