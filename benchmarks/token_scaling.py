@@ -102,10 +102,10 @@ def _gen_cell(r: dict) -> str | None:
     return f"{compare_ar._fmt(r['dimba_gen_ppl'])} @ {r['dimba_entropy']:.2f} ({r['dimba_gen_steps']})"
 
 
-def write(out: Path, rows: list[dict], line: dict | None) -> str:
+def write(out: Path, rows: list[dict], line: dict | None, model: str) -> str:
     f = compare_ar._fmt
-    md = ["# DIMBA vs its AR twin against training tokens", "",
-          "Per model: tokens trained; bound / exact NLL in nats per token on the same val windows "
+    md = [f"# {model.capitalize()} DIMBA vs its AR twin against training tokens", "",
+          f"DIMBA here is the {model} objective. Per model: tokens trained; bound / exact NLL in nats per token on the same val windows "
           "(benchmarks/compare_ar.py's likelihood section); gap = DIMBA - AR (goal <= ln 1.2 = 0.182); "
           "context gain: the denoiser's, at log-SNR -3 / -2 (dimba.objectives.gaussian.context); gen-PPL: the goal's "
           "qualifying DIMBA row (T <= 64, entropy >= 0.95x the data's) against the twin's samples.", ""]
@@ -126,23 +126,23 @@ def write(out: Path, rows: list[dict], line: dict | None) -> str:
                    if line["goal_tokens"] else " Along these lines the gap does not close.")
     text = "\n".join(md) + "\n"
     (out / "scaling.md").write_text(text)
-    (out / "scaling.json").write_text(json.dumps({"budgets": rows, "fit": line}, indent=1))
-    plot(out / "scaling.png", rows)
+    (out / "scaling.json").write_text(json.dumps({"model": model, "budgets": rows, "fit": line}, indent=1))
+    plot(out / "scaling.png", rows, model)
     return text
 
 
-def plot(path: Path, rows: list[dict]) -> None:
+def plot(path: Path, rows: list[dict], model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2))
     tokens = [r["tokens"] for r in rows]
     ax.errorbar(tokens, [r["dimba_nats"] for r in rows], yerr=[r["dimba_stderr"] for r in rows], fmt="o-",
-                label="DIMBA (bound)")
+                label=f"{model} DIMBA (bound)")
     ax.plot(tokens, [r["ar_nats"] for r in rows], "s-", label="AR twin (exact)")
     ax.plot(tokens, [r["unigram_nats"] for r in rows], ":", color="gray", label="unigram model (no context)")
     ax.set(xscale="log", xlabel="tokens trained per model", ylabel="val NLL (nats/token)",
-           title="DIMBA vs its AR twin against training tokens")
+           title=f"{model.capitalize()} DIMBA vs its AR twin against training tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -183,7 +183,7 @@ def main() -> int:
         rows.append(budget_row(report, args.model))
     if not rows:
         sys.exit(f"[scaling] no budget measured under {out}; run it without --stage report first")
-    print(write(out, rows, fit(rows)))
+    print(write(out, rows, fit(rows), args.model))
     print(f"[scaling] {out / 'scaling.md'}, {out / 'scaling.png'}")
     return 0
 

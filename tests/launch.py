@@ -1,10 +1,12 @@
 """Helpers the tests use to launch real multi-process DeepSpeed runs on the CPU and read what they wrote."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from dimba.training.distributed import deepspeed_command
@@ -15,6 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def deepspeed_cmd(script: str, args: list[str], ranks: int = 2) -> list[str]:
     """`deepspeed --num_gpus N script args` (the launcher runs N CPU ranks with gloo on a machine without GPUs)."""
     return deepspeed_command(str(ROOT / script), args, ranks)
+
+
+def load_script(path: str):
+    """A script (benchmarks/compare_ar.py, tools/eval.py) as a module, named after its file and registered in
+    sys.modules, so that a script importing its neighbour by name (token_scaling imports compare_ar) finds it
+    whichever test file runs first."""
+    name = Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def env() -> dict:

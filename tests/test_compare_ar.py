@@ -1,17 +1,14 @@
 """The comparison benchmark (benchmarks/compare_ar.py: Gaussian and masked DIMBA against the AR twin): every stage
 end to end at toy size with the real engine, and the goal checks on hand-made reports."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.launch import ROOT, env
+from tests.launch import ROOT, env, load_script
 
-spec = importlib.util.spec_from_file_location("compare_ar", ROOT / "benchmarks" / "compare_ar.py")
-compare_ar = sys.modules.setdefault("compare_ar", importlib.util.module_from_spec(spec))
-spec.loader.exec_module(compare_ar)
+compare_ar = load_script("benchmarks/compare_ar.py")
 
 
 def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):

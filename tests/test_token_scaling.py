@@ -1,6 +1,5 @@
 """The token-scaling benchmark (benchmarks/token_scaling.py): its table and its lines, on hand-made compare_ar
 reports (each budget's training is compare_ar.py itself, tested end to end in test_compare_ar.py)."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -8,11 +7,10 @@ import sys
 
 import pytest
 
-from tests.launch import ROOT, env
+from tests.launch import ROOT, env, load_script
 
-spec = importlib.util.spec_from_file_location("token_scaling", ROOT / "benchmarks" / "token_scaling.py")
-token_scaling = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(token_scaling)
+load_script("benchmarks/compare_ar.py")              # token_scaling imports it by name
+token_scaling = load_script("benchmarks/token_scaling.py")
 
 
 def report(tokens, dimba, ar, gen=None):
