@@ -1,5 +1,6 @@
 """The DIMBA denoiser: receptive field, conditioning init, gradients, weight layout."""
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,55 @@ def test_models_on_the_fused_path_match_chunked(kind):
         out[impl] = (y.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     for a, b in zip(out["fused"], out["chunked"]):
         assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
+def test_a_hybrid_denoiser_attends_both_ways_in_mamba_ssm_names():
+    """model.attn_layer_idx: those blocks mix with one bidirectional self-attention (mamba_ssm MHA's names, no
+    reversed twin), the others stay bidirectional Mamba-2; every parameter learns; FLOPs count the attention."""
+    from dimba.model.attention import Attention
+    from dimba.model.build import backbone_flops_per_token
+    torch.manual_seed(0)
+    full = make("masked", n_layers=3, attn_layer_idx=[1], attn_num_heads=2, mask_id=4)
+    model = build_model(full)
+    block = model.blocks[1]
+    assert isinstance(block.mixer, Attention) and block.mixer_rev is None
+    assert {k for k in model.state_dict() if k.startswith("blocks.1.")} == {
+        "blocks.1.norm.weight", "blocks.1.mixer.in_proj.weight", "blocks.1.mixer.out_proj.weight"}
+    assert all(isinstance(model.blocks[i].mixer, Mamba2) and model.blocks[i].mixer_rev is not None for i in (0, 2))
+    tokens = torch.randint(5, 50, (2, 12))
+    y = model(tokens)
+    changed = tokens.clone()
+    changed[:, -1] = 4                               # mask only the last position
+    assert not torch.allclose(model(changed)[:, 0], y[:, 0])
+    y.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and torch.any(p.grad != 0) for p in model.parameters())
+
+    # the attention itself: softmax(q k^T / sqrt(d)) v per head, over the whole sequence, equivariant to order
+    att, x = Attention(32, 2), torch.randn(2, 7, 32)
+    q, k, v = att.in_proj(x).view(2, 7, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    ref = (torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v).transpose(1, 2).reshape(2, 7, 32)
+    assert torch.allclose(att(x), att.out_proj(ref), atol=1e-5)
+    perm = torch.randperm(7)
+    assert torch.allclose(att(x[:, perm]), att(x)[:, perm], atol=1e-5)
+
+    pure = make("masked", n_layers=3, mask_id=4).model
+    assert backbone_flops_per_token(full.model, 128) < backbone_flops_per_token(pure, 128)
+    assert backbone_flops_per_token(full.model, 256) > backbone_flops_per_token(full.model, 128)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"attn_layer_idx": [2]}, "distinct block indices in [0, n_layers = 2)"),
+    ({"attn_layer_idx": [0, 0]}, "distinct block indices"),
+    ({"attn_layer_idx": [0], "bidirectional": False}, "needs model.bidirectional true"),
+    ({"attn_layer_idx": [0], "attn_num_heads": 3}, "must divide model.d_model (32)"),
+])
+def test_a_wrong_hybrid_is_refused_naming_the_field(model, message):
+    from dimba.config import ConfigError
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make("masked", mask_id=4, **model)
+
+
+def test_the_twin_of_a_hybrid_is_all_mamba():
+    from dimba.objectives import ar_twin
+    twin, p_hybrid, p_twin = ar_twin(make("masked", n_layers=4, attn_layer_idx=[2], mask_id=4))
+    assert twin.model.attn_layer_idx == () and not twin.model.bidirectional and abs(p_twin / p_hybrid - 1) < 0.2

@@ -55,6 +55,10 @@ class ModelConfig:
     ngroups: int = 1
     chunk_size: int = 256
     mixer_impl: Literal["auto", "fused", "chunked", "sequential"] = "auto"
+    # hybrid denoiser: these blocks mix with multi-head self-attention instead of Mamba-2 (dimba/model/attention.py;
+    # mamba_ssm's name); bidirectional backbones only
+    attn_layer_idx: tuple[int, ...] = ()
+    attn_num_heads: int = 0      # 0: one head per 64 channels of d_model
     norm_eps: float = 1e-5
 
     def validate(self) -> None:
@@ -74,12 +78,26 @@ class ModelConfig:
         require((d_inner // self.headdim) % self.ngroups == 0,
                 f"model.ngroups ({self.ngroups}) must divide the number of heads ({d_inner // self.headdim})")
         require(self.d_cond >= 0, f"model.d_cond must be >= 0, got {self.d_cond}")
+        require(len(set(self.attn_layer_idx)) == len(self.attn_layer_idx)
+                and all(0 <= i < self.n_layers for i in self.attn_layer_idx),
+                f"model.attn_layer_idx must list distinct block indices in [0, n_layers = {self.n_layers}), "
+                f"got {list(self.attn_layer_idx)}")
+        require(not self.attn_layer_idx or self.bidirectional,
+                "model.attn_layer_idx needs model.bidirectional true (causal decoding has no key-value cache); "
+                "drop it for the AR twin")
+        require(self.attn_num_heads >= 0 and self.d_model % self.attn_heads == 0,
+                f"model.attn_num_heads ({self.attn_num_heads}) must divide model.d_model ({self.d_model}); "
+                f"0 picks d_model // 64")
         require(self.x0_head == "linear" or self.tie_embeddings,
                 f"model.x0_head {self.x0_head!r} needs model.tie_embeddings true (x0_hat is a mixture of the tied table)")
 
     @property
     def cond_dim(self) -> int:
         return self.d_cond or self.d_model
+
+    @property
+    def attn_heads(self) -> int:
+        return self.attn_num_heads or max(1, self.d_model // 64)
 
 
 @dataclass

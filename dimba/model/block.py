@@ -5,7 +5,8 @@ added (as in MDLM's BiMamba and Caduceus). We do NOT share in/out projections be
 direction stays a complete, standard `Mamba2` whose state dict loads into `mamba_ssm.Mamba2` as is, so the fused
 kernels and external tools apply to both unchanged. The price is 2x the mixer parameters per block, which the
 configs account for (see `dimba.model.build.count_parameters`). `bidirectional=False` keeps only the forward
-(causal) mixer: for ablation and the autoregressive twin.
+(causal) mixer: for ablation and the autoregressive twin. A block listed in `model.attn_layer_idx` mixes with one
+multi-head self-attention over the whole sequence instead (dimba/model/attention.py): a hybrid denoiser.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from dimba.config.schema import ModelConfig
+from dimba.model.attention import Attention
 from dimba.model.conditioning import Modulation, RMSNorm
 from dimba.model.mamba2 import Mamba2
 
@@ -27,8 +29,12 @@ class DimbaBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, conditioned: bool = True):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = make_mixer(cfg, layer_idx)
-        self.mixer_rev = make_mixer(cfg, layer_idx) if cfg.bidirectional else None
+        if layer_idx in cfg.attn_layer_idx:
+            self.mixer = Attention(cfg.d_model, cfg.attn_heads, causal=not cfg.bidirectional, layer_idx=layer_idx)
+            self.mixer_rev = None                       # attention reads both directions itself
+        else:
+            self.mixer = make_mixer(cfg, layer_idx)
+            self.mixer_rev = make_mixer(cfg, layer_idx) if cfg.bidirectional else None
         self.modulation = Modulation(cfg.cond_dim, cfg.d_model, cfg.conditioning) if conditioned else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,8 +19,17 @@ def mixer_flops_per_token(cfg: ModelConfig) -> float:
     return 2 * h * (2 * d_in + 2 * g * n + nheads) + 7 * d_in * n + 2 * d_in * h
 
 
-def backbone_flops_per_token(cfg: ModelConfig) -> float:
-    """Forward FLOPs per token of the block stack (two mixers per block when bidirectional)."""
-    return cfg.n_layers * (2 if cfg.bidirectional else 1) * mixer_flops_per_token(cfg)
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of one attention mixer per token: q, k, v and out projections 8*h^2, scores and their
+    weighted sum 4*L*h over the whole sequence (bidirectional)."""
+    return 8 * cfg.d_model ** 2 + 4 * seq_len * cfg.d_model
+
+
+def backbone_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the block stack (two Mamba-2 mixers per block when bidirectional, one attention
+    mixer in each block of `attn_layer_idx`)."""
+    n_attn = len(cfg.attn_layer_idx)
+    mamba = (cfg.n_layers - n_attn) * (2 if cfg.bidirectional else 1) * mixer_flops_per_token(cfg)
+    return mamba + n_attn * attention_flops_per_token(cfg, seq_len)
 
 

@@ -48,7 +48,8 @@ def build_model(cfg: Config) -> nn.Module:
 def ar_twin(cfg: Config) -> tuple[Config, int, int]:
     """The autoregressive twin of a diffusion config at equal parameters: same d_model, d_state, headdim and
     vocabulary, causal (one mixer per block), with the number of layers whose total parameter count is closest
-    to the diffusion model's (a bidirectional block holds two mixers, so the twin is about twice as deep).
+    to the diffusion model's (a bidirectional block holds two mixers, so the twin is about twice as deep). The twin
+    is all Mamba-2: a hybrid denoiser's attention blocks (model.attn_layer_idx) are not carried over.
     Returns (twin config, model parameters, twin parameters); counted on the meta device (no memory)."""
     def params(c: Config) -> int:
         with torch.device("meta"):
@@ -58,7 +59,8 @@ def ar_twin(cfg: Config) -> tuple[Config, int, int]:
     best = None
     for n in range(1, 4 * cfg.model.n_layers + 1):
         twin = dataclasses.replace(cfg, objective="ar",
-                                   model=dataclasses.replace(cfg.model, bidirectional=False, n_layers=n))
+                                   model=dataclasses.replace(cfg.model, bidirectional=False, n_layers=n,
+                                                             attn_layer_idx=()))
         p = params(twin)
         if best is None or abs(p - target) < abs(best[1] - target):
             best = (twin, p)

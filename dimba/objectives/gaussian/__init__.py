@@ -48,7 +48,7 @@ class GaussianObjective(Objective):
     def flops_per_token(self) -> float:
         """Forward + backward = 3x forward; self-conditioning adds a forward-only pass on the flagged fraction."""
         m = self.cfg.model
-        fwd = backbone_flops_per_token(m) + 2 * m.d_embed * m.vocab_size
+        fwd = backbone_flops_per_token(m, self.cfg.data.seq_len) + 2 * m.d_embed * m.vocab_size
         fwd += 2 * m.d_model * m.d_embed * (1 + m.self_condition) + 2 * m.d_model * m.d_embed
         # softmax head: x0_hat = probs @ table; posterior head: also x_t . table^T
         fwd += {"linear": 0, "softmax": 1, "posterior": 2}[m.x0_head] * 2 * m.d_embed * m.vocab_size

@@ -47,7 +47,7 @@ class MaskedObjective(Objective):
 
     def flops_per_token(self) -> float:
         m = self.cfg.model
-        return 3 * (backbone_flops_per_token(m) + 2 * m.d_model * m.vocab_size)
+        return 3 * (backbone_flops_per_token(m, self.cfg.data.seq_len) + 2 * m.d_model * m.vocab_size)
 
     def loss(self, model: nn.Module, batch: dict, draw: Draw, training: bool = True) -> LossResult:
         device = next(model.parameters()).device
