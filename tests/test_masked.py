@@ -145,9 +145,11 @@ def test_ancestral_sampler_skips_the_model_when_nothing_changed():
     assert timed.calls == 50                                          # t changes every step: no cache
 
 
-def test_confidence_sampler_reveals_block_by_block():
-    """Semi-autoregressive: with blocks of 4 and 2 steps per block, after the first two calls only the first block
-    is revealed."""
+@pytest.mark.parametrize("sampler", ["confidence", "ancestral"])
+def test_samplers_reveal_block_by_block(sampler):
+    """Semi-autoregressive: with blocks of 4 and 2 steps per block, no position of a block is revealed before the
+    whole block before it, and some model call sees exactly the first block filled. The ancestral sampler may skip
+    calls (caching); the confidence sampler makes one per step."""
     seen = []
 
     class Spy(Flat):
@@ -155,13 +157,19 @@ def test_confidence_sampler_reveals_block_by_block():
             seen.append(x_t.clone())
             return super().forward(x_t, t)
 
-    x = torch.zeros(1, 12, dtype=torch.long)
+    x = torch.zeros(2, 12, dtype=torch.long)
     out = sample_masked(Spy(), x, torch.zeros_like(x, dtype=torch.bool),
-                        SamplingConfig(sampler="confidence", steps=6, block_length=4), MASK, False,
+                        SamplingConfig(sampler=sampler, steps=6, block_length=4), MASK, False,
                         torch.Generator().manual_seed(0))
-    assert len(seen) == 6 and not (out == MASK).any()
-    after_block_1 = seen[2][0]                                        # the input of the first call of block 2
-    assert (after_block_1[:4] != MASK).all() and (after_block_1[4:] == MASK).all()
+    assert not (out == MASK).any() and (len(seen) == 6 if sampler == "confidence" else len(seen) <= 6)
+    for inp in seen:
+        for row in inp:
+            revealed = row != MASK
+            for k in (1, 2):                                          # block k started: all before it is done
+                if revealed[4 * k:4 * (k + 1)].any():
+                    assert revealed[:4 * k].all()
+    first_block_done = torch.tensor([True] * 4 + [False] * 8)
+    assert any(((inp != MASK) == first_block_done).all() for inp in seen)
 
 
 def test_guidance_zero_is_the_unconditional_model():

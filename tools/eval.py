@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, help=f"seed of all noise and sampling {default('seed')}")
     g.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
                    help="override the model's sampling config, e.g. --sampling top_p=0.9 --sampling sampler=ddpm; "
-                        "samplers by objective: gaussian ddim, ddpm; masked ancestral, confidence (with "
+                        "samplers by objective: gaussian ddim, ddpm; masked ancestral, confidence (either with "
                         "block_length=N); ar recurrent")
     return p.parse_args(argv)
 

@@ -13,7 +13,7 @@ is kept exactly (never noised) and the model writes --length tokens after it; --
 
 Samplers by objective (the model's config says its objective; the first is its default):
   gaussian  ddim, ddpm
-  masked    ancestral (MDLM; caching), confidence (LLaDA / MaskGIT; --block-length for semi-autoregressive blocks)
+  masked    ancestral (MDLM; caching), confidence (LLaDA / MaskGIT); --block-length for semi-autoregressive blocks
   ar        recurrent
 """
 import json
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["ddim", "ddpm", "ancestral", "confidence", "recurrent"], default=None,
                    help="the sampler; it must belong to the model's objective (see above; default: the config's)")
     p.add_argument("--block-length", type=nonnegative_int, default=None,
-                   help="confidence sampler: reveal the text in blocks of this many tokens, left to right (0: one block)")
+                   help="masked samplers: reveal the text in blocks of this many tokens, left to right (0: one block)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0: deterministic)")
     p.add_argument("--spacing", choices=["uniform", "quadratic", "trailing"], default=None,
                    help="Gaussian samplers: how the steps are spread over the noise levels")

@@ -143,7 +143,7 @@ class SamplingConfig:
     # commit the most confident tokens each step); ar: recurrent (the list: dimba.objectives, `tools/sample.py --help`)
     sampler: Literal["", "ddpm", "ddim", "ancestral", "confidence", "recurrent"] = ""
     steps: int = 64
-    block_length: int = 0              # confidence sampler: semi-autoregressive blocks of this many tokens (0: one)
+    block_length: int = 0              # masked samplers: semi-autoregressive blocks of this many tokens (0: one)
     eta: float = 0.0                   # DDIM noise (0: deterministic, 1: DDPM-like)
     spacing: Literal["uniform", "quadratic", "trailing"] = "uniform"
     temperature: float = 1.0

@@ -7,8 +7,10 @@ ancestral   MDLM's reverse process on the grid t_i = 1 - i / T: from t to s each
             repeat the last one: it is skipped (MDLM's caching).
 confidence  LLaDA's low-confidence remasking / MaskGIT: each step draws a token for every masked position and
             commits the k most confident ones (their drawn probability; the argmax's with `greedy`), k chosen so
-            that T steps reveal everything. With sampling.block_length > 0 the free positions are revealed block
-            by block, left to right (semi-autoregressive), T / blocks steps each.
+            that T steps reveal everything.
+With sampling.block_length > 0 either sampler reveals the free positions block by block, left to right
+(semi-autoregressive, as LLaDA samples and BD3-LM's blocks), T / blocks steps each: a block is filled by the same
+process, with the blocks after it still masked, before the next one starts.
 
 Token picks use the shared float64 filter and inverse-CDF draw (dimba/objectives/sampling.py): temperature,
 top-k, top-p. Classifier-free guidance (sampling.guidance = s != 1): log-probabilities lu + s (lc - lu), with the
@@ -53,24 +55,39 @@ def sample_masked(model, tokens: torch.Tensor, clean: torch.Tensor, cfg: Samplin
     raise ValueError(f"unknown masked sampler {cfg.sampler!r}; use ancestral or confidence")
 
 
+def _blocks(clean: torch.Tensor, block_length: int, steps: int) -> tuple[list[torch.Tensor], int]:
+    """The free positions of each row, in order, cut into blocks of block_length (0: one block): (a (B, L) mask per
+    block, left to right; the steps each block gets, T / blocks and at least 1)."""
+    free = ~clean
+    n_free = int(free.sum(1).max())
+    bl = block_length if block_length > 0 else max(n_free, 1)
+    n_blocks = max(-(-n_free // bl), 1)
+    rank = free.long().cumsum(1) - 1                       # index of each free position among its row's free ones
+    blocks = [free & (rank >= k * bl) & (rank < (k + 1) * bl) for k in range(n_blocks)]
+    return blocks, max(steps // n_blocks, 1)
+
+
 def _ancestral(model, x, clean, cfg, mask_id, time_conditioning, generator, on_step):
-    steps = cfg.steps
+    blocks, steps = _blocks(clean, cfg.block_length, cfg.steps)
     log_p = None
     changed = True
-    for i in range(steps):
-        t, s = 1.0 - i / steps, 1.0 - (i + 1) / steps
-        if changed or time_conditioning or log_p is None:
-            log_p = guided_log_probs(model, x, clean, t, mask_id, cfg.guidance, time_conditioning)
-        masked = x == mask_id
-        reveal_u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-        pick_u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
-        reveal = masked & (reveal_u < (t - s) / t) if s > 0 else masked
-        changed = bool(reveal.any())
-        if changed:          # draw only where a token is revealed (each position's draw uses its own uniform)
-            x = x.clone()
-            x[reveal] = pick_tokens(log_p[reveal], cfg, uniforms=pick_u[reveal.cpu()])
-        if on_step is not None:
-            on_step(i + 1, steps)
+    done, total = 0, len(blocks) * steps
+    for in_block in blocks:
+        for i in range(steps):           # t: the block's own time, from 1 (all of it masked) to 0
+            t, s = 1.0 - i / steps, 1.0 - (i + 1) / steps
+            if changed or time_conditioning or log_p is None:
+                log_p = guided_log_probs(model, x, clean, t, mask_id, cfg.guidance, time_conditioning)
+            masked = (x == mask_id) & in_block
+            reveal_u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+            pick_u = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+            reveal = masked & (reveal_u < (t - s) / t) if s > 0 else masked
+            changed = bool(reveal.any())
+            if changed:      # draw only where a token is revealed (each position's draw uses its own uniform)
+                x = x.clone()
+                x[reveal] = pick_tokens(log_p[reveal], cfg, uniforms=pick_u[reveal.cpu()])
+            done += 1
+            if on_step is not None:
+                on_step(done, total)
     return x
 
 
@@ -81,19 +98,13 @@ def _schedule_counts(n: int, steps: int) -> list[int]:
 
 
 def _confidence(model, x, clean, cfg, mask_id, time_conditioning, generator, on_step):
-    b, length = x.shape
+    b = x.shape[0]
     free = ~clean
-    # the free positions of each row in order; blocks of block_length of them (0: one block)
-    n_free = int(free.sum(1).max())
-    bl = cfg.block_length if cfg.block_length > 0 else max(n_free, 1)
-    n_blocks = max(-(-n_free // bl), 1)
-    steps_per_block = max(cfg.steps // n_blocks, 1)
-    rank = free.long().cumsum(1) - 1                       # index of each free position among its row's free ones
-    total = n_blocks * steps_per_block
+    blocks, steps_per_block = _blocks(clean, cfg.block_length, cfg.steps)
+    total = len(blocks) * steps_per_block
     done = 0
     pick_cfg = replace(cfg, greedy=False)
-    for blk in range(n_blocks):
-        in_block = free & (rank >= blk * bl) & (rank < (blk + 1) * bl)
+    for in_block in blocks:
         counts = [_schedule_counts(int(in_block[r].sum()), steps_per_block) for r in range(b)]
         for j in range(steps_per_block):
             masked = (x == mask_id) & in_block
