@@ -108,6 +108,8 @@ class Scale:
     infill_steps: list[int] = field(default_factory=lambda: [32, 128])
     guidance: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5, 2.0, 3.0])
     guidance_steps: int = 32
+    prompt_blocks: list[int] = field(default_factory=lambda: [16])   # masked prompted rows again at each s >= 1,
+                                           # revealed in semi-autoregressive blocks of these lengths
     speed_length: int = 256
     speed_batches: list[int] = field(default_factory=lambda: [1, 64])
     speed_repeats: int = 1
@@ -141,7 +143,8 @@ SCALES = {
                           "model.n_layers=1", "model.d_embed=16", "model.d_state=16", "model.headdim=16",
                           "model.chunk_size=16", "deepspeed.train_micro_batch_size_per_gpu=4", *COMMON_EVAL],
                    steps=[2, 4], samples=4, prompts=4, lik_seqs=8, t_samples=2, gen_batch=4, infill_steps=[4],
-                   guidance=[0.0, 1.0, 2.0], guidance_steps=4, speed_length=32, speed_batches=[1, 4]),
+                   guidance=[0.0, 1.0, 2.0], guidance_steps=4, prompt_blocks=[8], speed_length=32,
+                   speed_batches=[1, 4]),
 }
 
 
@@ -374,24 +377,25 @@ def stage_eval(out: Path, scale: Scale, names: list[str], judge_spec: str, devic
         requests = [Request(prefix=w[:half].tolist(), middle_length=seq_len - half) for w in windows]
         truth = [tok.decode(w[half:]) for w in windows]
         rows = []
-        runs = [(k, s) for k in diffusion if k in which for s in scale.guidance] + \
-            ([("ar", None)] if "ar" in which else [])
-        for kind, s in runs:
+        runs = [(k, s, 0) for k in diffusion if k in which for s in scale.guidance] + \
+            [("masked", s, b) for s in scale.guidance if s >= 1 for b in scale.prompt_blocks if "masked" in which] + \
+            ([("ar", None, 0)] if "ar" in which else [])
+        for kind, s, blocks in runs:
             m = models[kind]
             samp = m.objective.sampling(m.cfg.sampling)
             if s is not None:
-                samp = replace(m.objective.with_steps(samp, scale.guidance_steps), guidance=s)
+                samp = replace(m.objective.with_steps(samp, scale.guidance_steps), guidance=s, block_length=blocks)
             res, _ = generate(m.model, m.cfg, requests, samp, seed=3, batch_size=scale.gen_batch, device=device)
             cont = [r.middle for r in res]
             full = [r.request.prefix + r.middle for r in res]
             row = {"model": kind, "guidance": s, "steps": scale.guidance_steps if s is not None else None,
-                   **text_stats(cont), "bleu": bleu([tok.decode(c) for c in cont], truth)}
+                   "block_length": blocks, **text_stats(cont), "bleu": bleu([tok.decode(c) for c in cont], truth)}
             if judge is not None:
                 row.update(generative_perplexity(judge, tok, full, scale.gen_batch) or {})
                 row.update(prompt_gain(judge, tok, [r.prefix for r in requests], cont, scale.gen_batch))
             row["example"] = {"prompt": tok.decode(requests[0].prefix), "continuation": tok.decode(cont[0])}
             rows.append(row)
-            print(f"[eval]   {kind} s={s}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}, "
+            print(f"[eval]   {kind} s={s} blocks {blocks or '-'}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}, "
                   f"prompt gain {row.get('prompt_gain_nats')}", flush=True)
         return rows
 
@@ -513,13 +517,14 @@ def goals(report: dict) -> list[dict]:
         if guide and any(r.get("prompt_gain_nats") is not None for r in guide):
             ar = next(r for r in guide if r["model"] == "ar").get("prompt_gain_nats")
             mine = [r for r in guide if r["model"] == k and r.get("prompt_gain_nats") is not None]
-            plain = next((r for r in mine if r["guidance"] == 1.0), None)
+            plain = next((r for r in mine if r["guidance"] == 1.0 and not r.get("block_length")), None)
             if ar and plain:
                 best = max(mine, key=lambda r: r["prompt_gain_nats"])
                 out.append({"goal": f"{k}: prompt gain >= 0.8x AR's (s = 1 / best s)",
                             "value": f"{plain['prompt_gain_nats']:.3f} vs {ar:.3f} nats = "
                                      f"{plain['prompt_gain_nats'] / ar:.2f}x / {best['prompt_gain_nats'] / ar:.2f}x "
-                                     f"at s={best['guidance']}",
+                                     f"at s={best['guidance']}" + (f", blocks of {best['block_length']}"
+                                                                   if best.get("block_length") else ""),
                             "met": plain["prompt_gain_nats"] >= 0.8 * ar})
     return out
 
@@ -583,9 +588,10 @@ def write_markdown(report: dict, path: Path) -> None:
         md += ["", "## Prompted samples (prompt = first half), classifier-free guidance s", "",
                "prompt gain: the judge's NLL of a continuation after another sample's prompt minus after its own, "
                "nats per continuation token (about 0: the continuation ignores its prompt).", ""]
-        md += _table(["model", "s", "T", "gen-PPL (prompt+continuation)", "entropy of continuations", "seq-rep-4",
-                      "BLEU vs truth", "prompt gain"],
-                     [[r["model"], r["guidance"], r["steps"], r.get("gen_ppl"), r["unigram_entropy_bits"],
+        md += _table(["model", "s", "T", "blocks", "gen-PPL (prompt+continuation)", "entropy of continuations",
+                      "seq-rep-4", "BLEU vs truth", "prompt gain"],
+                     [[r["model"], r["guidance"], r["steps"], r.get("block_length") or None, r.get("gen_ppl"),
+                       r["unigram_entropy_bits"],
                        r["repetition_rate"], r["bleu"], r.get("prompt_gain_nats")] for r in report["guidance"]])
     if "sampling" in report:
         md += ["", "## Sampling levers (unconditional, no retraining)", ""]

@@ -43,9 +43,9 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
         ("masked", "greedy", "confidence"), ("ar", "sampled", "recurrent"), ("ar", "greedy", "recurrent")]
     assert all("with_suffix" in fill[k, d] for k in ("gaussian", "masked") for d in ("sampled", "greedy"))
     assert "with_suffix" not in fill["ar", "greedy"]
-    assert [(r["model"], r["guidance"]) for r in report["guidance"]] == [
-        ("gaussian", 0.0), ("gaussian", 1.0), ("gaussian", 2.0), ("masked", 0.0), ("masked", 1.0), ("masked", 2.0),
-        ("ar", None)]
+    assert [(r["model"], r["guidance"], r["block_length"]) for r in report["guidance"]] == [
+        ("gaussian", 0.0, 0), ("gaussian", 1.0, 0), ("gaussian", 2.0, 0), ("masked", 0.0, 0), ("masked", 1.0, 0),
+        ("masked", 2.0, 0), ("masked", 1.0, 8), ("masked", 2.0, 8), ("ar", None, 0)]
     assert {r["model"] for r in report["sampling"]} == {"gaussian", "masked", "ar"}
     assert [r["log_snr"] for r in report["context"]] == [-6, -4, -3, -2, -1, 0]
     md = (out / "report.md").read_text()
@@ -91,6 +91,14 @@ def test_goals(kwargs, met):
     got = compare_ar.goals(report(**kwargs))
     assert [g["met"] for g in got] == met and all(g["goal"].startswith("masked: ") for g in got)
     assert "T=128" not in got[1]["value"]                     # T > 64 never counts for the gen-PPL goal
+
+
+def test_the_prompt_gain_goal_reads_plain_sampling_and_names_the_best_row():
+    """Met or not at s = 1 without blocks; the best row beside it, semi-autoregressive blocks named."""
+    r = report(gain=(0.4, 0.6))
+    r["guidance"].insert(2, {"model": "masked", "guidance": 1.0, "block_length": 16, "prompt_gain_nats": 0.9})
+    goal = compare_ar.goals(r)[-1]
+    assert not goal["met"] and goal["value"] == "0.400 vs 0.600 nats = 0.67x / 1.50x at s=1.0, blocks of 16"
 
 
 def test_bench_generate_times_both_models_at_a_scale(tmp_path):
