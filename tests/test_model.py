@@ -168,10 +168,13 @@ def test_ar_twin_has_equal_parameters_and_the_same_backbone():
 
 
 @pytest.mark.skipif(not fused_available(), reason="needs CUDA and mamba-ssm's Triton kernels (gpu extra)")
-@pytest.mark.parametrize("kind", ["gaussian", "masked", "ar"])
+@pytest.mark.parametrize("kind", ["gaussian", "masked", "ar", "hybrid"])
 def test_models_on_the_fused_path_match_chunked(kind):
-    """Whole models on a GPU: the fused kernels give the chunked path's outputs and gradients."""
-    full = make(kind, bidirectional=kind != "ar", d_model=64, chunk_size=16, mixer_impl="fused", mask_id=4)
+    """Whole models on a GPU: the fused kernels give the chunked path's outputs and gradients (hybrid: a masked
+    denoiser whose second block is attention)."""
+    hybrid = {"attn_layer_idx": [1]} if kind == "hybrid" else {}
+    kind = "masked" if kind == "hybrid" else kind
+    full = make(kind, bidirectional=kind != "ar", d_model=64, chunk_size=16, mixer_impl="fused", mask_id=4, **hybrid)
     cfg = full.model
     torch.manual_seed(0)
     model = build_model(full).cuda()
