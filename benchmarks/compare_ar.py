@@ -645,10 +645,13 @@ def plot(report: dict, path: Path) -> None:
     ax = axes[-1]
     guide = report.get("guidance", [])
     for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")):
-        g = [r for r in guide if r["model"] == name and r.get("gen_ppl")]
-        if g:
-            ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-", color=color,
-                    label=f"{'gaussian' if name == 'dimba' else name}: gen-PPL")
+        for blocks in sorted({r.get("block_length", 0) for r in guide if r["model"] == name}):
+            g = [r for r in guide if r["model"] == name and r.get("block_length", 0) == blocks and r.get("gen_ppl")]
+            if not g:
+                continue
+            ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-" if not blocks else "s--",
+                    color=color, label=f"{'gaussian' if name == 'dimba' else name}"
+                                       f"{f', blocks of {blocks}' if blocks else ''}: gen-PPL")
             ax.set(xlabel="guidance s", ylabel="gen-PPL of prompted samples", yscale="log",
                    title=f"classifier-free guidance (T={g[0]['steps']})")
     ar = next((r for r in guide if r["model"] == "ar" and r.get("gen_ppl")), None)
