@@ -84,10 +84,19 @@ class SlurmCluster:
         """Run a Slurm command (scontrol, scancel, ...); raises with its stderr if it fails."""
         return _run(cmd)
 
-    def sacct_states(self, job_id: str) -> dict[str, str]:
-        """Job and step states from accounting, e.g. {'7': 'COMPLETED', '7.batch': ..., '7.0': ...}."""
-        rows = _run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State"]).splitlines()
-        return {r.split("|")[0]: r.split("|")[1] for r in rows if r}
+    def sacct_states(self, job_id: str, settle: float = 60) -> dict[str, str]:
+        """Job and step states from accounting, e.g. {'7': 'COMPLETED', '7.batch': ..., '7.0': ...}.
+
+        slurmctld hands a job's end to slurmdbd asynchronously, so right after scontrol reports it finished
+        accounting may still read RUNNING: poll for up to `settle` seconds until every row is terminal."""
+        deadline = time.monotonic() + settle
+        while True:
+            rows = _run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,State"]).splitlines()
+            states = {r.split("|")[0]: r.split("|")[1] for r in rows if r}
+            settled = states and all(s.split()[0] in TERMINAL for s in states.values())
+            if settled or time.monotonic() > deadline:
+                return states
+            time.sleep(0.5)
 
 
 def read_json(path: Path) -> dict:
