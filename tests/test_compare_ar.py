@@ -38,11 +38,15 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     assert {(r["model"], r["batch"]) for r in report["speed"]} == {(m, b) for m in ("gaussian", "masked", "ar")
                                                                     for b in (1, 4)}
     fill = {(r["model"], r["decoding"]): r for r in report["infill"]}
-    assert [(r["model"], r["decoding"], r["sampler"]) for r in report["infill"]] == [
-        ("gaussian", "sampled", "ddim"), ("gaussian", "greedy", "ddim"), ("masked", "sampled", "ancestral"),
-        ("masked", "greedy", "confidence"), ("ar", "sampled", "recurrent"), ("ar", "greedy", "recurrent")]
+    assert [(r["model"], r["steps"], r["decoding"], r["sampler"]) for r in report["infill"]] == [
+        (k, t, d, s) for k, own in (("gaussian", "ddim"), ("masked", "ancestral")) for t in (1, 4)
+        for d, s in (("sampled", own), ("greedy", "ddim" if k == "gaussian" else "confidence"))] + [
+        ("ar", None, "sampled", "recurrent"), ("ar", None, "greedy", "recurrent")]
     assert all("with_suffix" in fill[k, d] for k in ("gaussian", "masked") for d in ("sampled", "greedy"))
-    assert "with_suffix" not in fill["ar", "greedy"]
+    assert "with_suffix" not in fill["ar", "greedy"] and all(r["windows"] == 4 for r in report["infill"])
+    scores = fill["masked", "greedy"]["with_suffix"]     # per-window accuracy minus the floor, with its s.e.
+    assert scores["over_mode"] == pytest.approx(scores["token_accuracy"] - fill["masked", "greedy"]["mode_baseline"])
+    assert scores["token_accuracy_se"] >= 0 and scores["over_mode_se"] >= 0
     assert [(r["model"], r["guidance"], r["block_length"]) for r in report["guidance"]] == [
         ("gaussian", 0.0, 0), ("gaussian", 1.0, 0), ("gaussian", 2.0, 0), ("masked", 0.0, 0), ("masked", 1.0, 0),
         ("masked", 2.0, 0), ("masked", 1.0, 8), ("masked", 2.0, 8), ("ar", None, 0)]
@@ -57,7 +61,7 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
 
 
 def report(ppl=(12.0, 10.0), gen=(30.0, 25.0), entropy=(9.3, 9.5), latency=(0.5, 2.5), fill=(0.3, 0.1),
-           gain=(0.5, 0.6)):
+           gain=(0.5, 0.6), fill_se=0.01):
     """A hand-made report of the masked model against the twin."""
     lik = lambda p: {"ppl": p, "best": {"ppl": p}}     # noqa: E731
     return {"setup": {"device": "test", "models": {"masked": {}, "ar": {}}},
@@ -68,8 +72,9 @@ def report(ppl=(12.0, 10.0), gen=(30.0, 25.0), entropy=(9.3, 9.5), latency=(0.5,
                            {"model": "ar", "steps": 128, "unigram_entropy_bits": entropy[1], "gen_ppl": gen[1]}],
             "speed": [{"model": "masked", "steps": 32, "batch": 1, "length": 256, "latency_s": latency[0]},
                       {"model": "ar", "steps": 256, "batch": 1, "length": 256, "latency_s": latency[1]}],
-            "infill": [{"model": "masked", "steps": 32, "with_suffix": {"token_accuracy": fill[0]},
-                        "mode_baseline": 0.05},
+            "infill": [{"model": "masked", "steps": 32, "mode_baseline": 0.05,
+                        "with_suffix": {"token_accuracy": fill[0], "over_mode": fill[0] - 0.05,
+                                        "over_mode_se": fill_se}},
                        {"model": "ar", "steps": None, "prefix_only": {"token_accuracy": fill[1]}}],
             "guidance": [{"model": "masked", "guidance": 1.0, "prompt_gain_nats": gain[0]},
                          {"model": "masked", "guidance": 2.0, "prompt_gain_nats": gain[0] / 2},
@@ -85,6 +90,8 @@ def report(ppl=(12.0, 10.0), gen=(30.0, 25.0), entropy=(9.3, 9.5), latency=(0.5,
     ({"fill": (0.19, 0.1)}, [True, True, True, False, True]),
     ({"fill": (0.0, 0.0)}, [True, True, True, False, True]),          # nothing recovered is no win
     ({"fill": (0.04, 0.01)}, [True, True, True, False, True]),        # 4x AR but below writing "the" everywhere
+    ({"fill": (0.06, 0.01), "fill_se": 0.006}, [True, True, True, False, True]),   # above it by < 2 s.e.
+    ({"fill": (0.06, 0.01), "fill_se": 0.004}, [True, True, True, True, True]),    # above it by > 2 s.e.
     ({"gain": (0.4, 0.6)}, [True, True, True, True, False]),          # 0.67x the twin's prompt gain
 ])
 def test_goals(kwargs, met):
@@ -141,4 +148,5 @@ def test_infill_goal_reads_the_greedy_rows_where_measured():
                     {"model": "ar", "steps": None, "decoding": "greedy", "prefix_only": {"token_accuracy": 0.1}}]
     goal = compare_ar.goals(r)[3]
     assert goal["met"] and "greedy decoding" in goal["goal"] and goal["value"].startswith("0.300 vs 0.100")
+    assert "by 2 s.e." in goal["goal"] and "+0.250 +- 0.000 over it" in goal["value"]   # older rows: no s.e.
     assert not compare_ar.goals(report(fill=(0.01, 0.01)))[3]["met"]

@@ -395,3 +395,9 @@ def test_infill_reports_the_most_frequent_token_baseline():
     assert (out["prefix_len"], out["middle_len"], out["suffix_len"]) == (2, 4, 2)
     assert out["mode_baseline"] == pytest.approx(3 / 8)
     assert 0 <= out["prefix_only"]["token_accuracy"] <= 1 and "with_suffix" not in out
+    # the same floor window by window (3/4 and 0/4 of the hidden positions are 7), paired with the model's hits
+    from dimba.evaluation.infill import _mean_se
+    assert _mean_se(torch.tensor([0.75, 0.0]))[1] == pytest.approx(0.375)
+    score = out["prefix_only"]
+    assert score["over_mode"] == pytest.approx(score["token_accuracy"] - 3 / 8)
+    assert score["token_accuracy_se"] >= 0 and score["over_mode_se"] >= 0

@@ -127,9 +127,11 @@ def summary(report: dict) -> list[str]:
             parts.append(f"BLEU {p['bleu']:.2f}")
         f = infill.get(steps, {})
         if f:
-            acc = f.get("with_suffix", f["prefix_only"])["token_accuracy"]
+            score = f.get("with_suffix", f["prefix_only"])
             which = "with suffix" if "with_suffix" in f else "prefix only"
-            parts.append(f"infill accuracy {acc:.3f} {which} (most frequent token {f['mode_baseline']:.3f})")
+            se = f" +- {score['token_accuracy_se']:.3f}" if "token_accuracy_se" in score else ""
+            parts.append(f"infill accuracy {score['token_accuracy']:.3f}{se} {which} "
+                         f"(most frequent token {f['mode_baseline']:.3f})")
         if steps in speed:
             parts.append(f"{speed[steps]['tokens_per_s']:.0f} tokens/s")
         lines.append(f"T={steps}: " + ", ".join(parts))
