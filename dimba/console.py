@@ -4,8 +4,10 @@ Every entry point calls `quiet(args.verbose)` before it imports DeepSpeed; the c
 launcher starts in the environment (DIMBA_VERBOSE=1). What it keeps off the console, and how:
   DeepSpeed's accelerator guess, "Setting accelerator to CPU. If you have GPU ...", printed at import by every
       process of a machine without CUDA: DS_ACCELERATOR=cpu, the accelerator DeepSpeed would pick anyway;
-  the launcher's INFO lines (world info, CUDA_VISIBLE_DEVICES on a CPU machine, spawned commands) and its
-      hostfile warning: `deepspeed --log_level error` (`launcher_flags`, used by distributed.deepspeed_command);
+  the launcher's INFO lines (world info, CUDA_VISIBLE_DEVICES on a CPU machine, spawned commands), its
+      hostfile warning and its "[ERROR] ... exits with return code = N" when a rank fails (the rank has said why
+      in its own line, and the exit code still comes through): `deepspeed --log_level critical` (`launcher_flags`,
+      used by distributed.deepspeed_command for one machine's ranks);
   "DeepSpeed deepspeed_shm_comm_op built successfully", printed by every CPU rank in init_distributed:
       `hush_stdout` around that call;
   torch's FutureWarnings about the deprecated torch.distributed calls DeepSpeed makes (all_gather_into_tensor).
@@ -40,8 +42,8 @@ def quiet(verbose: bool = False) -> None:
 
 
 def launcher_flags() -> list[str]:
-    """DeepSpeed launcher flags: errors only, unless verbose."""
-    return [] if is_verbose() else ["--log_level", "error"]
+    """DeepSpeed launcher flags: nothing of its own but a crash, unless verbose."""
+    return [] if is_verbose() else ["--log_level", "critical"]
 
 
 @contextlib.contextmanager

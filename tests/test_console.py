@@ -21,7 +21,7 @@ def test_deepspeed_imports_quietly_and_verbose_shows_its_accelerator_guess():
 def test_verbose_reaches_the_launcher_and_the_ranks(monkeypatch):
     from dimba import console
     monkeypatch.setenv(console.VERBOSE_ENV, "0")     # restored after the test, whatever quiet() sets
-    assert console.launcher_flags() == ["--log_level", "error"]
+    assert console.launcher_flags() == ["--log_level", "critical"]
     console.quiet(verbose=True)          # sets DIMBA_VERBOSE=1, which the launched ranks inherit
     assert console.is_verbose() and console.launcher_flags() == []
     with console.hush_stdout():

@@ -209,6 +209,7 @@ def test_data_too_small_for_the_ranks_is_one_line_before_anything_starts(bundled
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fewer than one batch per lane: 2 lanes" in errors[0] and "Traceback" not in proc.stderr
+    assert "exits with return code" not in proc.stdout + proc.stderr      # the launcher adds no line of its own
     assert not run_dir.exists()
 
 
