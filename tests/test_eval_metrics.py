@@ -391,13 +391,19 @@ def test_infill_reports_the_most_frequent_token_baseline():
     model = flat_ar()
     from dimba.config.schema import SamplingConfig
     from dimba.evaluation.infill import infill
+    from dimba.evaluation.textgen import Request, generate
     out = infill(model, Config(objective="ar", model=model.cfg), tok, seqs, SamplingConfig(top_p=1.0), seed=0, batch_size=2)
     assert (out["prefix_len"], out["middle_len"], out["suffix_len"]) == (2, 4, 2)
     assert out["mode_baseline"] == pytest.approx(3 / 8)
     assert 0 <= out["prefix_only"]["token_accuracy"] <= 1 and "with_suffix" not in out
-    # the same floor window by window (3/4 and 0/4 of the hidden positions are 7), paired with the model's hits
-    from dimba.evaluation.infill import _mean_se
-    assert _mean_se(torch.tensor([0.75, 0.0]))[1] == pytest.approx(0.375)
+    # the same floor window by window (2/4 and 1/4 of the hidden positions are 7), paired with the model's hits
+    got = torch.tensor([r.middle for r in generate(model, Config(objective="ar", model=model.cfg),
+                                                   [Request(s[:2].tolist(), 4) for s in seqs],
+                                                   SamplingConfig(top_p=1.0), 0, 2)[0]])
+    hits = (got == seqs[:, 2:6]).double().mean(1)
+    over = hits - torch.tensor([0.5, 0.25], dtype=torch.double)
     score = out["prefix_only"]
-    assert score["over_mode"] == pytest.approx(score["token_accuracy"] - 3 / 8)
-    assert score["token_accuracy_se"] >= 0 and score["over_mode_se"] >= 0
+    assert score["token_accuracy"] == pytest.approx(hits.mean().item())
+    assert score["token_accuracy_se"] == pytest.approx((hits.std() / 2 ** 0.5).item())
+    assert score["over_mode"] == pytest.approx(over.mean().item())
+    assert score["over_mode_se"] == pytest.approx((over.std() / 2 ** 0.5).item())

@@ -20,6 +20,7 @@ from dimba.config.schema import SamplingConfig
 from dimba.evaluation.prompted import bleu
 from dimba.evaluation.textgen import Request, generate
 from dimba.objectives import get_objective
+from dimba.objectives.nll import stderr
 
 
 def split_window(length: int) -> tuple[int, int, int]:
@@ -29,19 +30,13 @@ def split_window(length: int) -> tuple[int, int, int]:
     return prefix, length - prefix - suffix, suffix
 
 
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    """Mean of per-window values and its standard error over windows (0 for one window)."""
-    se = x.std(unbiased=True).item() / len(x) ** 0.5 if len(x) > 1 else 0.0
-    return x.mean().item(), se
-
-
 def _score(results, sequences: torch.Tensor, prefix: int, middle: int, mode: int, tokenizer) -> dict:
     truth = sequences[:, prefix:prefix + middle]
     got = torch.tensor([r.middle for r in results], dtype=torch.long)
-    hits = (got == truth).double().mean(1)                              # per window
-    acc, acc_se = _mean_se(hits)
-    over, over_se = _mean_se(hits - (truth == mode).double().mean(1))
-    return {"token_accuracy": acc, "token_accuracy_se": acc_se, "over_mode": over, "over_mode_se": over_se,
+    hits = (got == truth).double().mean(1).tolist()                     # per window
+    over = [h - f for h, f in zip(hits, (truth == mode).double().mean(1).tolist())]
+    return {"token_accuracy": sum(hits) / len(hits), "token_accuracy_se": stderr(hits),
+            "over_mode": sum(over) / len(over), "over_mode_se": stderr(over),
             "bleu": bleu([tokenizer.decode(g) for g in got], [tokenizer.decode(t) for t in truth])}
 
 
