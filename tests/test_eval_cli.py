@@ -81,6 +81,7 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
     assert "non_finite" not in report and report["complete"] is True
     sections = ["likelihood", "diagnostics", "reference"] + [f"{s}@{n}" for n in (2, 4)
                                                              for s in ("generation", "prompted", "infill", "speed")]
+    sections.append("infill@best")
     assert list(report["timings_s"]) == sections
     for name, total in (("likelihood", 2), ("generation@2", 8), ("prompted@4", 16), ("infill@4", 8), ("speed@2", 2)):
         assert f"[eval] {name}: {total}/{total}" in proc.stderr, name       # a progress bar per section
@@ -89,6 +90,7 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
     assert summary[1].startswith("held-out text: unigram entropy") and "gen PPL" in summary[1]
     assert summary[2].startswith("T=2: entropy") and "the text's" in summary[2] and "prompt gain" in summary[2]
     assert "infill accuracy" in summary[3] and "most frequent token" in summary[3]
+    assert summary[4].startswith("best-guess infill (one pass, each position's argmax): infill accuracy")
     for where, v in numbers(report):
         assert v is not None, f"{where} is null"
         if isinstance(v, float):
@@ -122,6 +124,10 @@ def test_eval_of_a_dimba_run_writes_every_field_the_plot_and_tensorboard(models,
         assert row["middle_len"] == 32 and row["prefix_len"] == row["suffix_len"] == 16
         for variant in ("with_suffix", "prefix_only"):
             assert 0 <= row[variant]["token_accuracy"] <= 1 and 0 <= row[variant]["bleu"] <= 100
+    best = report["infill_best_guess"]
+    assert (best["steps"], best["decoding"], best["windows"]) == (1, "greedy", 4)
+    assert best["with_suffix"]["over_mode"] == pytest.approx(best["with_suffix"]["token_accuracy"]
+                                                             - best["mode_baseline"])
     for row in report["speed"]:
         assert row["latency_s"] > 0 and row["tokens_per_s"] == pytest.approx(4 * 64 / row["latency_s"])
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -146,6 +152,9 @@ def test_eval_of_the_ar_twin_reports_its_exact_perplexity(models, tmp_path):
     assert [(r["steps"], r["sampler"]) for r in report["generation"]] == [(64, "recurrent")]
     assert report["prompted"][0]["continuation_len"] == 32 and report["speed"][0]["tokens_per_s"] > 0
     assert "with_suffix" not in report["infill"][0] and report["infill"][0]["prefix_only"]["token_accuracy"] >= 0
+    best = report["infill_best_guess"]
+    assert (best["steps"], best["decoding"]) == (64, "greedy") and "with_suffix" not in best
+    assert "best-guess infill (greedy decoding)" in proc.stdout
     assert Path(out.with_suffix(".png")).is_file()
 
 

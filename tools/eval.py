@@ -27,7 +27,13 @@ What the report holds (details in dimba/evaluation/*.py):
   generation       per --steps value: --samples unconditional samples; unigram entropy, distinct-1..4,
                    repetition rate (seq-rep-4), and gen PPL under --judge
   prompted         per --steps value: --prompts held-out prefixes continued; BLEU (sacrebleu) and ROUGE
-                   (rouge-score) against the true continuation
+                   (rouge-score) against the true continuation; with --judge, the prompt gain: the judge's NLL
+                   of a continuation given another window's prompt minus given its own (nats/token)
+  infill           per --steps value: the middle half of --prompts held-out windows hidden and filled (diffusion:
+                   with prefix and suffix, and with the prefix only; AR: the prefix only); token accuracy and BLEU
+                   against the hidden middle, beside writing the windows' most frequent token everywhere
+  infill_best_guess  the same once with the objective's point estimate (diffusion: one pass, each position's
+                   argmax; AR: greedy), which is what position-wise accuracy should be read at
   speed            per --steps value: latency of one batch and tokens/s
   reference        the same text statistics (and gen PPL) for held-out text, as a yardstick
 The AR twin decodes one token per step, so it has one row with steps = sample length.

@@ -12,6 +12,8 @@ What is measured, in order:
   generation      per step count: unconditional samples -> diversity/repetition (textstats.py), gen PPL (judge.py)
   prompted        per step count: held-out prompts continued, BLEU/ROUGE against the truth (prompted.py)
   speed           per step count: latency and tokens/s of one batch (speed.py)
+  infill_best_guess  infilling once more with the objective's point estimate (a diffusion model: one pass, each
+                  position's argmax; AR: greedy decoding), the decoding position-wise accuracy is read at (infill.py)
 The AR twin has no step count: it decodes one token per step, so its rows carry steps = sample length.
 Each section runs under a progress bar (progress.py) and is timed into `timings_s`; after each, the report so far
 goes to `on_section` ("complete": false until the last), which tools/eval.py writes to disk.
@@ -183,6 +185,12 @@ def evaluate(loaded, shards: str, opts: EvalOptions, judge: Optional[Judge] = No
         log(f"steps {steps}: entropy {row['unigram_entropy_bits']:.2f} bits, rep {row['repetition_rate']:.3f}"
             + (f", gen PPL {row['gen_ppl']:.1f}" if row.get("gen_ppl") is not None else "")
             + f", BLEU {report['prompted'][-1]['bleu']:.2f}, {report['speed'][-1]['tokens_per_s']:.0f} tok/s")
+    best = objective.best_guess(objective.with_steps(sampling, 1))
+    with section("infill@best", n_prompts * infill_passes(cfg)) as tick:
+        report["infill_best_guess"] = {"steps": objective.step_counts([1], seq_len)[0], "sampler": best.sampler,
+                                       "decoding": "greedy", **infill(model, cfg, tok, seqs[:opts.prompts], best,
+                                                                      opts.seed + 2, opts.gen_batch, device,
+                                                                      on_batch=tick)}
     report["complete"] = True
     if on_section is not None:
         on_section(report)

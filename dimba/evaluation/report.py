@@ -67,9 +67,12 @@ def scalars(report: dict) -> dict[str, float]:
                 if row.get(k) is not None:
                     out[f"eval/steps{row['steps']}/{k}"] = row[k]
     for row in report.get("infill", []):
-        for variant in ("with_suffix", "prefix_only"):
-            for k, v in row.get(variant, {}).items():
+        for variant, scores in _variants(row):
+            for k, v in scores.items():
                 out[f"eval/steps{row['steps']}/infill_{variant}_{k}"] = v
+    for variant, scores in _variants(report.get("infill_best_guess", {})):
+        for k, v in scores.items():
+            out[f"eval/infill_best_guess/{variant}_{k}"] = v
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
@@ -127,15 +130,29 @@ def summary(report: dict) -> list[str]:
             parts.append(f"BLEU {p['bleu']:.2f}")
         f = infill.get(steps, {})
         if f:
-            score = f.get("with_suffix", f["prefix_only"])
-            which = "with suffix" if "with_suffix" in f else "prefix only"
-            se = f" +- {score['token_accuracy_se']:.3f}" if "token_accuracy_se" in score else ""
-            parts.append(f"infill accuracy {score['token_accuracy']:.3f}{se} {which} "
-                         f"(most frequent token {f['mode_baseline']:.3f})")
+            parts.append(_infill_words(f))
         if steps in speed:
             parts.append(f"{speed[steps]['tokens_per_s']:.0f} tokens/s")
         lines.append(f"T={steps}: " + ", ".join(parts))
+    best = report.get("infill_best_guess")
+    if best:
+        how = "greedy decoding" if best["steps"] > 1 else "one pass, each position's argmax"
+        score = best.get("with_suffix", best["prefix_only"])
+        lines.append(f"best-guess infill ({how}): {_infill_words(best)}, "
+                     f"{score['over_mode']:+.3f} +- {score['over_mode_se']:.3f} over the most frequent token")
     return lines
+
+
+def _variants(row: dict):
+    """(variant, scores) of one infill row, with the suffix first where the objective reads one."""
+    return [(v, row[v]) for v in ("with_suffix", "prefix_only") if v in row]
+
+
+def _infill_words(row: dict) -> str:
+    which, score = _variants(row)[0]
+    se = f" +- {score['token_accuracy_se']:.3f}" if "token_accuracy_se" in score else ""
+    return (f"infill accuracy {score['token_accuracy']:.3f}{se} {which.replace('_', ' ')} "
+            f"(most frequent token {row['mode_baseline']:.3f})")
 
 
 def plot(report: dict, path: str | Path) -> Path:
