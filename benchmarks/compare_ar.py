@@ -110,7 +110,8 @@ class Scale:
     guidance: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.5, 2.0, 3.0])
     guidance_steps: int = 32
     prompt_blocks: list[int] = field(default_factory=lambda: [16])   # masked prompted rows again at each s >= 1,
-                                           # revealed in semi-autoregressive blocks of these lengths
+                                           # revealed in semi-autoregressive blocks of these lengths,
+    prompt_samplers: list[str] = field(default_factory=lambda: ["ancestral", "confidence"])   # with each sampler
     speed_length: int = 256
     speed_batches: list[int] = field(default_factory=lambda: [1, 64])
     speed_repeats: int = 1
@@ -379,25 +380,28 @@ def stage_eval(out: Path, scale: Scale, names: list[str], judge_spec: str, devic
         requests = [Request(prefix=w[:half].tolist(), middle_length=seq_len - half) for w in windows]
         truth = [tok.decode(w[half:]) for w in windows]
         rows = []
-        runs = [(k, s, 0) for k in diffusion if k in which for s in scale.guidance] + \
-            [("masked", s, b) for s in scale.guidance if s >= 1 for b in scale.prompt_blocks if "masked" in which] + \
-            ([("ar", None, 0)] if "ar" in which else [])
-        for kind, s, blocks in runs:
+        runs = [(k, s, 0, None) for k in diffusion if k in which for s in scale.guidance] + \
+            [("masked", s, b, sampler) for s in scale.guidance if s >= 1 for b in scale.prompt_blocks
+             for sampler in scale.prompt_samplers if "masked" in which] + \
+            ([("ar", None, 0, None)] if "ar" in which else [])
+        for kind, s, blocks, sampler in runs:
             m = models[kind]
             samp = m.objective.sampling(m.cfg.sampling)
             if s is not None:
-                samp = replace(m.objective.with_steps(samp, scale.guidance_steps), guidance=s, block_length=blocks)
+                samp = replace(m.objective.with_steps(samp, scale.guidance_steps), guidance=s, block_length=blocks,
+                               sampler=sampler or samp.sampler)
             res, _ = generate(m.model, m.cfg, requests, samp, seed=3, batch_size=scale.gen_batch, device=device)
             cont = [r.middle for r in res]
             full = [r.request.prefix + r.middle for r in res]
             row = {"model": kind, "guidance": s, "steps": scale.guidance_steps if s is not None else None,
-                   "block_length": blocks, **text_stats(cont), "bleu": bleu([tok.decode(c) for c in cont], truth)}
+                   "sampler": samp.sampler, "block_length": blocks, **text_stats(cont),
+                   "bleu": bleu([tok.decode(c) for c in cont], truth)}
             if judge is not None:
                 row.update(generative_perplexity(judge, tok, full, scale.gen_batch) or {})
                 row.update(prompt_gain(judge, tok, [r.prefix for r in requests], cont, scale.gen_batch))
             row["example"] = {"prompt": tok.decode(requests[0].prefix), "continuation": tok.decode(cont[0])}
             rows.append(row)
-            print(f"[eval]   {kind} s={s} blocks {blocks or '-'}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}, "
+            print(f"[eval]   {kind} {samp.sampler} s={s} blocks {blocks or '-'}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}, "
                   f"prompt gain {row.get('prompt_gain_nats')}", flush=True)
         return rows
 
@@ -528,7 +532,9 @@ def goals(report: dict) -> list[dict]:
                             "value": f"{plain['prompt_gain_nats']:.3f} vs {ar:.3f} nats = "
                                      f"{plain['prompt_gain_nats'] / ar:.2f}x / {best['prompt_gain_nats'] / ar:.2f}x "
                                      f"at s={best['guidance']}" + (f", blocks of {best['block_length']}"
-                                                                   if best.get("block_length") else ""),
+                                                                   if best.get("block_length") else "")
+                                     + (f", {best['sampler']}" if best.get("sampler") not in (None, plain.get(
+                                         "sampler")) else ""),
                             "met": plain["prompt_gain_nats"] >= 0.8 * ar})
     return out
 
@@ -596,9 +602,10 @@ def write_markdown(report: dict, path: Path) -> None:
         md += ["", "## Prompted samples (prompt = first half), classifier-free guidance s", "",
                "prompt gain: the judge's NLL of a continuation after another sample's prompt minus after its own, "
                "nats per continuation token (about 0: the continuation ignores its prompt).", ""]
-        md += _table(["model", "s", "T", "blocks", "gen-PPL (prompt+continuation)", "entropy of continuations",
-                      "seq-rep-4", "BLEU vs truth", "prompt gain"],
-                     [[r["model"], r["guidance"], r["steps"], r.get("block_length") or None, r.get("gen_ppl"),
+        md += _table(["model", "sampler", "s", "T", "blocks", "gen-PPL (prompt+continuation)",
+                      "entropy of continuations", "seq-rep-4", "BLEU vs truth", "prompt gain"],
+                     [[r["model"], r.get("sampler"), r["guidance"], r["steps"], r.get("block_length") or None,
+                       r.get("gen_ppl"),
                        r["unigram_entropy_bits"],
                        r["repetition_rate"], r["bleu"], r.get("prompt_gain_nats")] for r in report["guidance"]])
     if "sampling" in report:
@@ -653,13 +660,16 @@ def plot(report: dict, path: Path) -> None:
     ax = axes[-1]
     guide = report.get("guidance", [])
     for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")):
-        for blocks in sorted({r.get("block_length", 0) for r in guide if r["model"] == name}):
-            g = [r for r in guide if r["model"] == name and r.get("block_length", 0) == blocks and r.get("gen_ppl")]
+        lines = sorted({(r.get("block_length", 0), r.get("sampler") or "") for r in guide if r["model"] == name})
+        for blocks, sampler in lines:
+            g = [r for r in guide if r["model"] == name and r.get("block_length", 0) == blocks
+                 and (r.get("sampler") or "") == sampler and r.get("gen_ppl")]
             if not g:
                 continue
             ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-" if not blocks else "s--",
-                    color=color, label=f"{'gaussian' if name == 'dimba' else name}"
-                                       f"{f', blocks of {blocks}' if blocks else ''}: gen-PPL")
+                    color=color, alpha=1.0 if sampler in ("", "ancestral", "ddim") else 0.5,
+                    label=f"{'gaussian' if name == 'dimba' else name}"
+                          f"{f', blocks of {blocks}, {sampler}' if blocks else ''}: gen-PPL")
             ax.set(xlabel="guidance s", ylabel="gen-PPL of prompted samples", yscale="log",
                    title=f"classifier-free guidance (T={g[0]['steps']})")
     ar = next((r for r in guide if r["model"] == "ar" and r.get("gen_ppl")), None)

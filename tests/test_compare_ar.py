@@ -47,9 +47,10 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     scores = fill["masked", "greedy"]["with_suffix"]     # per-window accuracy minus the floor, with its s.e.
     assert scores["over_mode"] == pytest.approx(scores["token_accuracy"] - fill["masked", "greedy"]["mode_baseline"])
     assert scores["token_accuracy_se"] >= 0 and scores["over_mode_se"] >= 0
-    assert [(r["model"], r["guidance"], r["block_length"]) for r in report["guidance"]] == [
-        ("gaussian", 0.0, 0), ("gaussian", 1.0, 0), ("gaussian", 2.0, 0), ("masked", 0.0, 0), ("masked", 1.0, 0),
-        ("masked", 2.0, 0), ("masked", 1.0, 8), ("masked", 2.0, 8), ("ar", None, 0)]
+    assert [(r["model"], r["sampler"], r["guidance"], r["block_length"]) for r in report["guidance"]] == [
+        *[("gaussian", "ddim", s, 0) for s in (0.0, 1.0, 2.0)], *[("masked", "ancestral", s, 0) for s in (0.0, 1.0, 2.0)],
+        ("masked", "ancestral", 1.0, 8), ("masked", "confidence", 1.0, 8), ("masked", "ancestral", 2.0, 8),
+        ("masked", "confidence", 2.0, 8), ("ar", "recurrent", None, 0)]
     assert {r["model"] for r in report["sampling"]} == {"gaussian", "masked", "ar"}
     assert [r["log_snr"] for r in report["context"]] == [-6, -4, -3, -2, -1, 0]
     md = (out / "report.md").read_text()
@@ -106,6 +107,10 @@ def test_the_prompt_gain_goal_reads_plain_sampling_and_names_the_best_row():
     r["guidance"].insert(2, {"model": "masked", "guidance": 1.0, "block_length": 16, "prompt_gain_nats": 0.9})
     goal = compare_ar.goals(r)[-1]
     assert not goal["met"] and goal["value"] == "0.400 vs 0.600 nats = 0.67x / 1.50x at s=1.0, blocks of 16"
+    r["guidance"][0]["sampler"] = "ancestral"          # a best row with another sampler than plain's names it
+    r["guidance"].insert(2, {"model": "masked", "guidance": 2.0, "block_length": 16, "prompt_gain_nats": 1.2,
+                             "sampler": "confidence"})
+    assert compare_ar.goals(r)[-1]["value"] == "0.400 vs 0.600 nats = 0.67x / 2.00x at s=2.0, blocks of 16, confidence"
 
 
 def test_bench_generate_times_both_models_at_a_scale(tmp_path):
