@@ -624,14 +624,19 @@ def write_markdown(report: dict, path: Path) -> None:
     path.write_text("\n".join(md) + "\n")
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path) -> bool:
+    """The quality-vs-latency and guidance panels of the sections that ran; False (no file) where none did."""
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    gen, speed = report.get("generation", []), report.get("speed", [])
-    batches = sorted({r["batch"] for r in speed})
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5.2 * (len(batches) + 1), 4.2), squeeze=False)
+    gen, speed, guide = report.get("generation", []), report.get("speed", []), report.get("guidance", [])
+    # a panel only where its sections ran: quality vs latency needs both gen-PPL and latency
+    batches = sorted({r["batch"] for r in speed}) if any(r.get("gen_ppl") for r in gen) else []
+    panels = len(batches) + bool(guide)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
     axes = axes[0]
     data = next((r for r in gen if r["model"] == "data"), {})
     for ax, batch in zip(axes, batches):
@@ -658,7 +663,6 @@ def plot(report: dict, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax = axes[-1]
-    guide = report.get("guidance", [])
     for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")):
         lines = sorted({(r.get("block_length", 0), r.get("sampler") or "") for r in guide if r["model"] == name})
         for blocks, sampler in lines:
@@ -680,14 +684,15 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def stage_report(out: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     write_markdown(report, out / "report.md")
-    plot(report, out / "compare.png")
+    plotted = plot(report, out / "compare.png")
     print((out / "report.md").read_text())
-    print(f"[report] {out / 'report.md'}, {out / 'compare.png'}")
+    print(f"[report] {out / 'report.md'}" + (f", {out / 'compare.png'}" if plotted else ""))
 
 
 STAGES = ("data", "train-gaussian", "train-masked", "train-ar", "eval", "report")
