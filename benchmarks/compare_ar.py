@@ -633,7 +633,8 @@ def plot(report: dict, path: Path) -> bool:
     gen, speed, guide = report.get("generation", []), report.get("speed", []), report.get("guidance", [])
     # a panel only where its sections ran: quality vs latency needs both gen-PPL and latency
     batches = sorted({r["batch"] for r in speed}) if any(r.get("gen_ppl") for r in gen) else []
-    panels = len(batches) + bool(guide)
+    guided = any(r.get("gen_ppl") for r in guide)            # gen-PPL needs a judge (not with --judge none)
+    panels = len(batches) + guided
     if not panels:
         return False
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
@@ -663,7 +664,7 @@ def plot(report: dict, path: Path) -> bool:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     ax = axes[-1]
-    for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")):
+    for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")) if guided else ():
         lines = sorted({(r.get("block_length", 0), r.get("sampler") or "") for r in guide if r["model"] == name})
         for blocks, sampler in lines:
             g = [r for r in guide if r["model"] == name and r.get("block_length", 0) == blocks

@@ -55,7 +55,8 @@ def test_every_stage_runs_and_the_twins_read_the_same_tokens(tmp_path):
     assert [r["log_snr"] for r in report["context"]] == [-6, -4, -3, -2, -1, 0]
     md = (out / "report.md").read_text()
     assert "## Goals" in md and "context gain" in md and "The Gaussian bound = reconstruction" in md
-    assert "masked: val PPL bound" in md and (out / "compare.png").stat().st_size > 10_000
+    assert "masked: val PPL bound" in md
+    assert not (out / "compare.png").exists()          # --judge none: no gen-PPL, so no panel to draw
     # a second run finds everything done and only redraws the report
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "finished" in again.stdout and "in report.json" in again.stdout
@@ -155,3 +156,22 @@ def test_infill_goal_reads_the_greedy_rows_where_measured():
     assert goal["met"] and "greedy decoding" in goal["goal"] and goal["value"].startswith("0.300 vs 0.100")
     assert "by 2 s.e." in goal["goal"] and "+0.250 +- 0.000 over it" in goal["value"]   # older rows: no s.e.
     assert not compare_ar.goals(report(fill=(0.01, 0.01)))[3]["met"]
+
+
+def test_the_plot_draws_only_the_sections_with_gen_ppl(tmp_path):
+    gen = [{"model": "masked", "sampler": "ancestral", "steps": t, "gen_ppl": p} for t, p in ((8, 900.0), (32, 700.0))]
+    gen += [{"model": "ar", "sampler": "recurrent", "steps": 128, "gen_ppl": 400.0}, {"model": "data", "gen_ppl": 80.0}]
+    speed = [{"model": m, "steps": t, "batch": 1, "length": 256, "latency_s": s}
+             for m, t, s in (("masked", 8, 0.7), ("masked", 32, 2.7), ("ar", 256, 2.5))]
+    guide = [{"model": "masked", "guidance": s, "steps": 32, "block_length": 0, "sampler": "ancestral",
+              "gen_ppl": 400.0 - 50 * s} for s in (0.0, 1.0)] + [{"model": "ar", "gen_ppl": 150.0}]
+    setup = {"judge": "a judge"}
+    both = tmp_path / "both.png"
+    assert compare_ar.plot({"setup": setup, "generation": gen, "speed": speed, "guidance": guide}, both)
+    one = tmp_path / "one.png"            # guidance only (generation not run): one panel, half the width
+    assert compare_ar.plot({"setup": setup, "speed": speed, "guidance": guide}, one)
+    width = lambda p: int.from_bytes(p.read_bytes()[16:20], "big")      # noqa: E731 (PNG header)
+    assert width(both) > 1.8 * width(one)
+    unjudged = [{**r, "gen_ppl": None} for r in guide]
+    assert not compare_ar.plot({"setup": setup, "generation": [], "speed": speed, "guidance": unjudged},
+                               tmp_path / "none.png") and not (tmp_path / "none.png").exists()
