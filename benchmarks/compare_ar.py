@@ -402,7 +402,7 @@ def stage_eval(out: Path, scale: Scale, names: list[str], judge_spec: str, devic
             row["example"] = {"prompt": tok.decode(requests[0].prefix), "continuation": tok.decode(cont[0])}
             rows.append(row)
             print(f"[eval]   {kind} {samp.sampler} s={s} blocks {blocks or '-'}: entropy {row['unigram_entropy_bits']:.2f}, gen-PPL {row.get('gen_ppl')}, "
-                  f"prompt gain {row.get('prompt_gain_nats')}", flush=True)
+                  f"prompt gain {row.get('prompt_gain_nats')} +- {row.get('prompt_gain_se')}", flush=True)
         return rows
 
     def sampling(which):
@@ -523,13 +523,15 @@ def goals(report: dict) -> list[dict]:
                                  f"(baseline {floor:.3f}; {over:+.3f} +- {se:.3f} over it)",
                         "met": acc >= 2 * ar and over - 2 * se > 0})
         if guide and any(r.get("prompt_gain_nats") is not None for r in guide):
-            ar = next(r for r in guide if r["model"] == "ar").get("prompt_gain_nats")
+            ar_row = next(r for r in guide if r["model"] == "ar")
+            ar = ar_row.get("prompt_gain_nats")
+            pm = lambda r: f" +- {r['prompt_gain_se']:.3f}" if r.get("prompt_gain_se") is not None else ""  # noqa: E731
             mine = [r for r in guide if r["model"] == k and r.get("prompt_gain_nats") is not None]
             plain = next((r for r in mine if r["guidance"] == 1.0 and not r.get("block_length")), None)
             if ar and plain:
                 best = max(mine, key=lambda r: r["prompt_gain_nats"])
                 out.append({"goal": f"{k}: prompt gain >= 0.8x AR's (s = 1 / best s)",
-                            "value": f"{plain['prompt_gain_nats']:.3f} vs {ar:.3f} nats = "
+                            "value": f"{plain['prompt_gain_nats']:.3f}{pm(plain)} vs {ar:.3f}{pm(ar_row)} nats = "
                                      f"{plain['prompt_gain_nats'] / ar:.2f}x / {best['prompt_gain_nats'] / ar:.2f}x "
                                      f"at s={best['guidance']}" + (f", blocks of {best['block_length']}"
                                                                    if best.get("block_length") else "")
@@ -601,13 +603,15 @@ def write_markdown(report: dict, path: Path) -> None:
     if "guidance" in report:
         md += ["", "## Prompted samples (prompt = first half), classifier-free guidance s", "",
                "prompt gain: the judge's NLL of a continuation after another sample's prompt minus after its own, "
-               "nats per continuation token (about 0: the continuation ignores its prompt).", ""]
+               "nats per continuation token (about 0: the continuation ignores its prompt); +-: its standard error "
+               "over the prompts.", ""]
         md += _table(["model", "sampler", "s", "T", "blocks", "gen-PPL (prompt+continuation)",
-                      "entropy of continuations", "seq-rep-4", "BLEU vs truth", "prompt gain"],
+                      "entropy of continuations", "seq-rep-4", "BLEU vs truth", "prompt gain", "+-"],
                      [[r["model"], r.get("sampler"), r["guidance"], r["steps"], r.get("block_length") or None,
                        r.get("gen_ppl"),
                        r["unigram_entropy_bits"],
-                       r["repetition_rate"], r["bleu"], r.get("prompt_gain_nats")] for r in report["guidance"]])
+                       r["repetition_rate"], r["bleu"], r.get("prompt_gain_nats"), r.get("prompt_gain_se")]
+                      for r in report["guidance"]])
     if "sampling" in report:
         md += ["", "## Sampling levers (unconditional, no retraining)", ""]
         md += _table(["model", "lever", "T", "gen-PPL", "unigram entropy (bits)", "seq-rep-4"],

@@ -112,6 +112,8 @@ def test_the_prompt_gain_goal_reads_plain_sampling_and_names_the_best_row():
     r["guidance"].insert(2, {"model": "masked", "guidance": 2.0, "block_length": 16, "prompt_gain_nats": 1.2,
                              "sampler": "confidence"})
     assert compare_ar.goals(r)[-1]["value"] == "0.400 vs 0.600 nats = 0.67x / 2.00x at s=2.0, blocks of 16, confidence"
+    r["guidance"][0]["prompt_gain_se"], r["guidance"][-1]["prompt_gain_se"] = 0.05, 0.07      # standard errors shown
+    assert compare_ar.goals(r)[-1]["value"].startswith("0.400 +- 0.050 vs 0.600 +- 0.070 nats = 0.67x")
 
 
 def test_bench_generate_times_both_models_at_a_scale(tmp_path):

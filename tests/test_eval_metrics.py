@@ -382,6 +382,32 @@ def test_smollm2_judge_prefers_real_text_to_shuffled_text():
         real["judge_nll_nats"] * real["judge_tokens"] + alone[0], rel=1e-4)
 
 
+def test_prompt_gain_with_its_standard_error_under_the_smollm2_judge():
+    """True continuations follow from their own prompts (a gain above 2 standard errors); one continuation after
+    every prompt gains nothing, exactly; per-sequence scores do not depend on the batching."""
+    pytest.importorskip("transformers")
+    from dimba.evaluation.judge import SmolLM2Judge, summed
+    from dimba.evaluation.prompted import prompt_gain
+    judge = SmolLM2Judge()
+    tok = Tokenizer(TOKENIZER)
+    pairs = [("Alice was beginning to get very tired of sitting by her sister", " on the bank, and of having nothing to do."),
+             ("The King and Queen of Hearts were seated on their throne", " when they arrived, with a great crowd."),
+             ("Mr. Sherlock Holmes, who was usually very late in the mornings,", " was seated at the breakfast table."),
+             ("It was the best of times, it was the worst of times,", " it was the age of wisdom, it was the age of foolishness."),
+             ("Call me Ishmael. Some years ago, never mind how long precisely,", " having little or no money in my purse.")]
+    prompts = [tok.encode(p) for p, _ in pairs]
+    conts = [tok.encode(c) for _, c in pairs]
+    g = prompt_gain(judge, tok, prompts, conts, batch_size=2)
+    assert g["prompt_gain_nats"] > 2 * g["prompt_gain_se"] > 0 and g["continuation_tokens"] > 20
+    ignored = prompt_gain(judge, tok, prompts, [conts[0]] * len(prompts), batch_size=2)   # one text after any prompt
+    assert ignored["prompt_gain_nats"] == pytest.approx(0.0, abs=1e-6) and ignored["prompt_gain_se"] > 0
+    per = judge.nlls(tok, conts + [[]], batch_size=3)
+    assert per[-1] == (0.0, 0)
+    total, count = summed(per)
+    again = summed(judge.nlls(tok, conts, batch_size=5))        # batching and padding change no score
+    assert count == again[1] and total == pytest.approx(again[0], rel=1e-4)
+
+
 def test_infill_reports_the_most_frequent_token_baseline():
     """Windows of 8: prefix 2, hidden middle 4, suffix 2. Token 7 is the most frequent overall and fills 3 of the
     8 hidden positions, so writing 7 everywhere scores 3/8; the flat AR model's samples are scored beside it."""

@@ -28,7 +28,8 @@ What the report holds (details in dimba/evaluation/*.py):
                    repetition rate (seq-rep-4), and gen PPL under --judge
   prompted         per --steps value: --prompts held-out prefixes continued; BLEU (sacrebleu) and ROUGE
                    (rouge-score) against the true continuation; with --judge, the prompt gain: the judge's NLL
-                   of a continuation given another window's prompt minus given its own (nats/token)
+                   of a continuation given another window's prompt minus given its own (nats/token), with its
+                   standard error over the prompts
   infill           per --steps value: the middle half of --prompts held-out windows hidden and filled (diffusion:
                    with prefix and suffix, and with the prefix only; AR: the prefix only); token accuracy and BLEU
                    against the hidden middle, beside writing the windows' most frequent token everywhere

@@ -53,8 +53,38 @@ class Judge(Protocol):
     def info(self, tokenizer) -> dict:
         """What the report says about the judge (`tokenizer`: the evaluated model's)."""
 
-    def nll(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int) -> tuple[float, int]:
-        """(sum of cross-entropy in nats, scored tokens) of `seqs` (ids of `tokenizer`) under the judge."""
+    def nlls(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int) -> list[tuple[float, int]]:
+        """(cross-entropy in nats, scored tokens) of each of `seqs` (ids of `tokenizer`) under the judge; (0, 0) for
+        one with no token."""
+
+
+def _per_sequence_nll(forward, seqs: Sequence[Sequence[int]], start_id: int, pad_id: int, batch_size: int,
+                      device) -> list[tuple[float, int]]:
+    """(sum of CE in nats, tokens) per sequence under a causal LM `forward(inputs, mask) -> logits`: each sequence
+    after `start_id`, right-padded with `pad_id` (a causal model never sees padding before a real token)."""
+    out = [(0.0, 0)] * len(seqs)
+    rows = [i for i, s in enumerate(seqs) if len(s) > 0]
+    for j in range(0, len(rows), batch_size):
+        idx = rows[j:j + batch_size]
+        group = [list(seqs[i]) for i in idx]
+        width = max(len(s) for s in group)
+        inp = torch.full((len(group), width + 1), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.bool)
+        for r, s in enumerate(group):
+            inp[r, 0] = start_id
+            inp[r, 1:len(s) + 1] = torch.tensor(s, dtype=torch.long)
+            mask[r, :len(s)] = True
+        inp, mask = inp.to(device), mask.to(device)
+        logits = forward(inp[:, :-1], mask).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), inp[:, 1:], reduction="none")
+        for i, nats, n in zip(idx, (ce * mask).sum(1).tolist(), mask.sum(1).tolist()):
+            out[i] = (float(nats), int(n))
+    return out
+
+
+def summed(per_sequence: Sequence[tuple[float, int]]) -> tuple[float, int]:
+    """(total nats, total tokens) of per-sequence (nats, tokens) pairs."""
+    return sum(a for a, _ in per_sequence), sum(n for _, n in per_sequence)
 
 
 class SmolLM2Judge:
@@ -95,31 +125,22 @@ class SmolLM2Judge:
         return {"kind": "transformers", "name": self.name, "parameters": sum(p.numel() for p in self.model.parameters()),
                 "vocab_size": len(self.tokenizer), "same_tokenizer": False}
 
-    def nll(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[float, int]:
-        return self.text_nll(_decoded(tokenizer, seqs), batch_size)
+    def nlls(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> list[tuple[float, int]]:
+        return self.text_nlls(_decoded(tokenizer, seqs), batch_size)
 
-    @torch.no_grad()
     def text_nll(self, texts: Sequence[str], batch_size: int = 16) -> tuple[float, int]:
         """(sum of cross-entropy in nats, scored tokens) of `texts` under the judge."""
+        return summed(self.text_nlls(texts, batch_size))
+
+    @torch.no_grad()
+    def text_nlls(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[float, int]]:
+        """(cross-entropy in nats, scored tokens) of each of `texts` under the judge."""
         seqs = [self.tokenizer(t, add_special_tokens=False).input_ids[:self.max_len] for t in texts]
-        seqs = [s for s in seqs if s]
-        total, count = 0.0, 0
-        for i in range(0, len(seqs), batch_size):
-            group = seqs[i:i + batch_size]
-            width = max(len(s) for s in group)
-            inp = torch.full((len(group), width + 1), self.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.bool)
-            for r, s in enumerate(group):
-                inp[r, 0] = self.start_id
-                inp[r, 1:len(s) + 1] = torch.tensor(s, dtype=torch.long)
-                mask[r, :len(s)] = True
-            inp, mask = inp.to(self.device), mask.to(self.device)
+
+        def forward(inp, mask):
             attn = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1).long()
-            logits = self.model(input_ids=inp[:, :-1], attention_mask=attn).logits.float()
-            ce = F.cross_entropy(logits.transpose(1, 2), inp[:, 1:], reduction="none")
-            total += float((ce * mask).sum())
-            count += int(mask.sum())
-        return total, count
+            return self.model(input_ids=inp, attention_mask=attn).logits
+        return _per_sequence_nll(forward, seqs, self.start_id, self.pad_id, batch_size, self.device)
 
 
 def judge_tokens(judge_tokenizer, source_tokenizer, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -130,27 +151,13 @@ def judge_tokens(judge_tokenizer, source_tokenizer, seqs: Sequence[Sequence[int]
 
 
 @torch.no_grad()
-def judge_nll(judge, seqs: Sequence[Sequence[int]], batch_size: int = 16,
-              device: torch.device | str = "cpu") -> tuple[float, int]:
-    """(sum of cross-entropy in nats, scored tokens) of `seqs` (judge token ids) under the AR judge."""
+def judge_nlls(judge, seqs: Sequence[Sequence[int]], batch_size: int = 16,
+               device: torch.device | str = "cpu") -> list[tuple[float, int]]:
+    """(cross-entropy in nats, scored tokens) of each of `seqs` (judge token ids) under the AR judge (a
+    LoadedModel), each cut to its seq_len."""
     max_len = judge.cfg.data.seq_len
-    seqs = [list(s)[:max_len] for s in seqs if len(s) > 0]
-    total, count = 0.0, 0
-    for i in range(0, len(seqs), batch_size):
-        group = seqs[i:i + batch_size]
-        width = max(len(s) for s in group)
-        inp = torch.full((len(group), width + 1), PAD_ID, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.bool)
-        for r, s in enumerate(group):
-            inp[r, 0] = EOS_ID
-            inp[r, 1:len(s) + 1] = torch.tensor(s, dtype=torch.long)
-            mask[r, :len(s)] = True            # right padding: a causal model never sees it before a real token
-        inp, mask = inp.to(device), mask.to(device)
-        logits = judge.model(inp[:, :-1])
-        ce = F.cross_entropy(logits.transpose(1, 2), inp[:, 1:], reduction="none")
-        total += float((ce * mask).sum())
-        count += int(mask.sum())
-    return total, count
+    return _per_sequence_nll(lambda inp, mask: judge.model(inp), [list(s)[:max_len] for s in seqs], EOS_ID, PAD_ID,
+                             batch_size, device)
 
 
 class StackJudge:
@@ -178,8 +185,8 @@ class StackJudge:
     def info(self, tokenizer) -> dict:
         return {**self.loaded.describe(self.path), "same_tokenizer": self.loaded.tokenizer.sha256 == tokenizer.sha256}
 
-    def nll(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[float, int]:
-        return judge_nll(self.loaded, judge_tokens(self.loaded.tokenizer, tokenizer, seqs), batch_size, self.device)
+    def nlls(self, tokenizer, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> list[tuple[float, int]]:
+        return judge_nlls(self.loaded, judge_tokens(self.loaded.tokenizer, tokenizer, seqs), batch_size, self.device)
 
 
 def load_judge(spec: str, device: torch.device | str = "cpu") -> Judge:
@@ -196,7 +203,7 @@ def load_judge(spec: str, device: torch.device | str = "cpu") -> Judge:
 def generative_perplexity(judge: Judge, source_tokenizer, seqs: Sequence[Sequence[int]],
                           batch_size: int = 16) -> Optional[dict]:
     """gen PPL of samples (ids of the evaluated model's tokenizer); None when no sample has any token."""
-    total, count = judge.nll(source_tokenizer, seqs, batch_size)
+    total, count = summed(judge.nlls(source_tokenizer, seqs, batch_size))
     if count == 0:
         return None
     nll = total / count

@@ -21,6 +21,7 @@ from rouge_score import rouge_scorer
 
 from dimba.config.schema import SamplingConfig
 from dimba.evaluation.textgen import Request, generate
+from dimba.objectives.nll import stderr
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 PROMPT_GAIN_PASSES = 3       # the judge scores every prompt three times: own prompt + continuation, other's, alone
@@ -77,13 +78,21 @@ def prompt_gain(judge, tokenizer, prompts: Sequence[Sequence[int]], continuation
         gain = [sum_i NLL(p_{i+1} + c_i) - sum_i NLL(p_i + c_i)] / (tokens of p_i + c_i - tokens of p_i)
 
     (the prompts' own NLL cancels: the same prompts appear in both sums). About 0 when the continuation ignores
-    its prompt; large when it follows from it. Needs at least 2 prompts."""
+    its prompt; large when it follows from it. Its standard error is the ratio estimator's over the continuations:
+    d_i = [NLL(p_{i+1} + c_i) - NLL(p_{i+1})] - [NLL(p_i + c_i) - NLL(p_i)], continuation i's own difference (the
+    d_i sum to the numerator above), n_i its tokens, residuals d_i - gain * n_i. Needs at least 2 prompts."""
     if len(prompts) < 2:
         raise ValueError("the prompt gain needs at least 2 prompts")
     own = [list(p) + list(c) for p, c in zip(prompts, continuations)]
     other = [list(prompts[(i + 1) % len(prompts)]) + list(c) for i, c in enumerate(continuations)]
-    nll_own, n_own = judge.nll(tokenizer, own, batch_size)
-    nll_other, _ = judge.nll(tokenizer, other, batch_size)
-    _, n_prompt = judge.nll(tokenizer, [list(p) for p in prompts], batch_size)
-    n_cont = max(n_own - n_prompt, 1)
-    return {"prompt_gain_nats": (nll_other - nll_own) / n_cont, "continuation_tokens": n_cont}
+    per_own = judge.nlls(tokenizer, own, batch_size)
+    per_other = judge.nlls(tokenizer, other, batch_size)
+    per_prompt = judge.nlls(tokenizer, [list(p) for p in prompts], batch_size)
+    n_i = [o[1] - p[1] for o, p in zip(per_own, per_prompt)]
+    k = len(prompts)      # d_i: continuation i's NLL after prompt i + 1 minus after its own, each prompt's NLL taken off
+    d_i = [(per_other[i][0] - per_prompt[(i + 1) % k][0]) - (per_own[i][0] - per_prompt[i][0]) for i in range(k)]
+    n_cont = max(sum(n_i), 1)
+    gain = sum(d_i) / n_cont
+    residual = [d - gain * n for d, n in zip(d_i, n_i)]
+    se = stderr(residual) * len(residual) / n_cont
+    return {"prompt_gain_nats": gain, "prompt_gain_se": se, "continuation_tokens": n_cont}

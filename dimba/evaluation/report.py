@@ -125,7 +125,8 @@ def summary(report: dict) -> list[str]:
         parts.append(f"repetition {row['repetition_rate']:.3f}")
         p = prompted.get(steps, {})
         if p.get("prompt_gain_nats") is not None:
-            parts.append(f"prompt gain {p['prompt_gain_nats']:.3f} nats/token")
+            se = f" +- {p['prompt_gain_se']:.3f}" if p.get("prompt_gain_se") is not None else ""
+            parts.append(f"prompt gain {p['prompt_gain_nats']:.3f}{se} nats/token")
         elif p:
             parts.append(f"BLEU {p['bleu']:.2f}")
         f = infill.get(steps, {})
