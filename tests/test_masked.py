@@ -10,7 +10,7 @@ from dimba.config import config_from_dict
 from dimba.config.core import ConfigError
 from dimba.config.schema import SamplingConfig
 from dimba.objectives import OBJECTIVES, Request, build_model, get_objective, make_draw
-from dimba.objectives.masked.loss import draw_masks, subs_log_probs
+from dimba.objectives.masked.loss import draw_masks, subs_log_probs, times
 from dimba.objectives.masked.sampling import guided_log_probs, sample_masked
 
 V, MASK = 40, 4
@@ -83,6 +83,28 @@ def test_masks_never_touch_clean_or_padding_and_follow_t():
     assert torch.equal(m.masked, again.masked)
     dropped = draw_masks(draw.seeds, draw.u, scorable, clean, t_eps=1e-3, cond_dropout=0.999)
     assert dropped.drop_cond.all() and dropped.masked[:, :10].any()   # dropped conditioning: prompts are noised
+
+
+def test_logit_normal_times_bell_around_one_half_and_validation_keeps_the_nelbo():
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    bell, flat = times(u, 1e-3, "logit_normal", 1.0), times(u, 1e-3)
+    assert (bell.diff() >= 0).all() and bell.min() >= 1e-3 and bell.max() <= 1.0      # monotone: spread stays
+    assert bell.median().item() == pytest.approx(0.5, abs=2e-3)
+    middle = lambda t: ((t > 0.25) & (t < 0.75)).double().mean().item()               # noqa: E731
+    assert middle(bell) == pytest.approx(0.728, abs=0.01) and middle(flat) == pytest.approx(0.5, abs=0.01)
+    assert middle(times(u, 1e-3, "logit_normal", 0.5)) > middle(bell)                  # narrower bell
+    tokens = torch.randint(5, V, (64, 32))
+    batch = {"tokens": tokens, "clean": torch.zeros_like(tokens, dtype=torch.bool)}
+    draw = make_draw(0, 0, 64, 64)
+    uniform, lognorm = (get_objective(make(masked={"t_sampling": s})) for s in ("uniform", "logit_normal"))
+    model = Copy(tokens[0])
+    assert torch.equal(uniform.loss(model, batch, draw, training=False).loss,
+                       lognorm.loss(model, batch, draw, training=False).loss)       # val loss: the NELBO
+    assert not torch.equal(uniform.loss(model, batch, draw).loss, lognorm.loss(model, batch, draw).loss)
+    with pytest.raises(ConfigError, match="t_sampling"):
+        make(masked={"t_sampling": "bell"})
+    with pytest.raises(ConfigError, match="t_logit_std"):
+        make(masked={"t_logit_std": 0.0})
 
 
 def test_subs_never_predicts_the_mask():

@@ -96,7 +96,7 @@ def main():
         "objective": args.objective,
         "model": {"vocab_size": 4096, "d_model": 64, "n_layers": 2, "d_embed": 16, "d_state": 16, "headdim": 16,
                   "chunk_size": 16, "mixer_impl": "chunked", "mask_id": 4, "bidirectional": args.objective != "ar"},
-        "masked": {"cond_dropout": 0.25},
+        "masked": {"cond_dropout": 0.25, "t_sampling": "logit_normal"},     # the shipped configs' times
         "diffusion": {"num_steps": 100},
         "sampling": {"steps": 4},
         "data": {"seq_len": SEQ},

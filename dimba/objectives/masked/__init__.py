@@ -55,7 +55,10 @@ class MaskedObjective(Objective):
         # a [MASK] id in the data (never in text a <mask>-aware tokenizer encodes) is scored like padding: not at all
         valid = (tokens != self.cfg.model.pad_id) & (tokens != self.mask_id)
         scorable = ~clean & valid
-        masks = draw_masks(draw.seeds, draw.u, scorable, clean & valid, self.mcfg.t_eps, self.mcfg.cond_dropout)
+        # training may draw t from a bell (masked.t_sampling); validation always scores the NELBO (uniform t)
+        sampling = self.mcfg.t_sampling if training else "uniform"
+        masks = draw_masks(draw.seeds, draw.u, scorable, clean & valid, self.mcfg.t_eps, self.mcfg.cond_dropout,
+                           sampling, self.mcfg.t_logit_std)
         loss, metrics = masked_nelbo(model, tokens, clean, masks, self.mask_id, self.cfg.model.pad_id,
                                      self.mcfg.time_conditioning)
         return LossResult(loss, metrics)
