@@ -34,7 +34,7 @@ Stages, in order (each skipped when its result exists, so re-running continues; 
                     speed       latency / tokens/s of generating --speed-length tokens at batch 1 and 64
                     sampling    eval-time levers (no retraining)
                   -> OUT/report.json (written after every section)
-  report          OUT/report.md (tables + goals) and OUT/compare.png (quality against latency)
+  report          OUT/report.md (tables + goals) and OUT/compare.png (gen-PPL against latency and guidance; needs a judge)
 
 Equal tokens: every run trains max_steps x micro-batch x ranks x seq_len tokens. The diffusion losses skip clean
 (prompt) positions, so they are graded on slightly fewer tokens than they read; all read the same ones.

@@ -88,7 +88,7 @@ elif [ "$MODE" = compare ]; then
     --sections likelihood,context,generation,speed --set "training.max_steps=$STEPS" \
     --set "training.warmup_steps=$((STEPS / 10 + 1))" --set "training.checkpoint_every=$STEPS" \
     --set "evaluation.val_every=$STEPS"
-  for f in report.json report.md compare.png; do        # at most 8 files come back from the GPU machine
+  for f in report.json report.md; do     # (no compare.png: its panels need gen-PPL, and --judge none has none)
     cp "$RUNS/compare-$SCALE/$f" "$OUT/" 2>/dev/null
   done
 else
