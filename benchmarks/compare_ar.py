@@ -667,25 +667,26 @@ def plot(report: dict, path: Path) -> bool:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    ax = axes[-1]
-    for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")) if guided else ():
-        lines = sorted({(r.get("block_length", 0), r.get("sampler") or "") for r in guide if r["model"] == name})
-        for blocks, sampler in lines:
-            g = [r for r in guide if r["model"] == name and r.get("block_length", 0) == blocks
-                 and (r.get("sampler") or "") == sampler and r.get("gen_ppl")]
-            if not g:
-                continue
-            ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-" if not blocks else "s--",
-                    color=color, alpha=1.0 if sampler in ("", "ancestral", "ddim") else 0.5,
-                    label=f"{'gaussian' if name == 'dimba' else name}"
-                          f"{f', blocks of {blocks}, {sampler}' if blocks else ''}: gen-PPL")
-            ax.set(xlabel="guidance s", ylabel="gen-PPL of prompted samples", yscale="log",
-                   title=f"classifier-free guidance (T={g[0]['steps']})")
-    ar = next((r for r in guide if r["model"] == "ar" and r.get("gen_ppl")), None)
-    if ar:
-        ax.axhline(ar["gen_ppl"], color="C3", ls=":", label="AR twin")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if guided:
+        ax = axes[-1]
+        for name, color in (("gaussian", "C0"), ("dimba", "C0"), ("masked", "C1")):
+            lines = sorted({(r.get("block_length", 0), r.get("sampler") or "") for r in guide if r["model"] == name})
+            for blocks, sampler in lines:
+                g = [r for r in guide if r["model"] == name and r.get("block_length", 0) == blocks
+                     and (r.get("sampler") or "") == sampler and r.get("gen_ppl")]
+                if not g:
+                    continue
+                ax.plot([r["guidance"] for r in g], [r["gen_ppl"] for r in g], "o-" if not blocks else "s--",
+                        color=color, alpha=1.0 if sampler in ("", "ancestral", "ddim") else 0.5,
+                        label=f"{'gaussian' if name == 'dimba' else name}"
+                              f"{f', blocks of {blocks}, {sampler}' if blocks else ''}: gen-PPL")
+                ax.set(xlabel="guidance s", ylabel="gen-PPL of prompted samples", yscale="log",
+                       title=f"classifier-free guidance (T={g[0]['steps']})")
+        ar = next((r for r in guide if r["model"] == "ar" and r.get("gen_ppl")), None)
+        if ar:
+            ax.axhline(ar["gen_ppl"], color="C3", ls=":", label="AR twin")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

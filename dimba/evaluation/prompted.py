@@ -88,11 +88,10 @@ def prompt_gain(judge, tokenizer, prompts: Sequence[Sequence[int]], continuation
     per_own = judge.nlls(tokenizer, own, batch_size)
     per_other = judge.nlls(tokenizer, other, batch_size)
     per_prompt = judge.nlls(tokenizer, [list(p) for p in prompts], batch_size)
-    n_i = [o[1] - p[1] for o, p in zip(per_own, per_prompt)]
     k = len(prompts)      # d_i: continuation i's NLL after prompt i + 1 minus after its own, each prompt's NLL taken off
     d_i = [(per_other[i][0] - per_prompt[(i + 1) % k][0]) - (per_own[i][0] - per_prompt[i][0]) for i in range(k)]
+    n_i = [per_own[i][1] - per_prompt[i][1] for i in range(k)]
     n_cont = max(sum(n_i), 1)
     gain = sum(d_i) / n_cont
-    residual = [d - gain * n for d, n in zip(d_i, n_i)]
-    se = stderr(residual) * len(residual) / n_cont
+    se = stderr([d - gain * n for d, n in zip(d_i, n_i)]) * k / n_cont
     return {"prompt_gain_nats": gain, "prompt_gain_se": se, "continuation_tokens": n_cont}

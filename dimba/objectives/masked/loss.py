@@ -14,9 +14,10 @@ Training draws t in [t_eps, 1] (the trainer's low-discrepancy uniforms over the 
 by the number of scored tokens (masked or not), so the loss is nats per token. With masked.t_sampling
 "logit_normal" training maps the same uniforms to t = sigmoid(std * Phi^-1(u)) instead: more draws near t = 1/2,
 where a token's near context is partly visible, fewer at the ends; the 1/t weight is kept, so the training loss is
-a reweighting of the NELBO, not the NELBO (validation and `nelbo_per_sequence` keep uniform t). Clean positions (prompts, infill
-frames) are never masked and never scored; with probability masked.cond_dropout a sample's clean positions become
-ordinary ones (noised and scored), which trains the unconditional branch of classifier-free guidance.
+a reweighting of the NELBO, not the NELBO (validation and `nelbo_per_sequence` keep uniform t). Clean positions
+(prompts, infill frames) are never masked and never scored; with probability masked.cond_dropout a sample's clean
+positions become ordinary ones (noised and scored), which trains the unconditional branch of classifier-free
+guidance.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class MaskDraw:
     drop_cond: torch.Tensor    # (B,) bool
 
 
-def times(u: torch.Tensor, t_eps: float, sampling: str = "uniform", logit_std: float = 1.0) -> torch.Tensor:
+def times(u: torch.Tensor, t_eps: float, sampling: str = "uniform", logit_std: float = 0.6) -> torch.Tensor:
     """Diffusion times (float64) from uniforms u in [0, 1): uniform on [t_eps, 1], or logit-normal
     sigmoid(logit_std * Phi^-1(u)) clamped to [t_eps, 1] (a monotone map, so low-discrepancy u stay spread)."""
     u = u.double()
@@ -44,7 +45,7 @@ def times(u: torch.Tensor, t_eps: float, sampling: str = "uniform", logit_std: f
 
 
 def draw_masks(seeds: list[int], u: torch.Tensor, scorable: torch.Tensor, clean: torch.Tensor, t_eps: float,
-               cond_dropout: float, sampling: str = "uniform", logit_std: float = 1.0) -> MaskDraw:
+               cond_dropout: float, sampling: str = "uniform", logit_std: float = 0.6) -> MaskDraw:
     """Per-sample randomness on the CPU from the sample's seed (so it is the same on any device and any split of
     the batch): the dropout coin and one uniform per position; t = times(u, ...)."""
     b, length = scorable.shape
