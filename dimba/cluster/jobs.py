@@ -97,12 +97,15 @@ class TrainingJob(Checkpointable):
         self._proc = subprocess.Popen(self.command, env=child_env, preexec_fn=_die_with_parent)
         threading.Thread(target=lambda: (self._proc.wait(), self._exited.set()), daemon=True).start()
         signal.signal(signal.SIGTERM, self._on_sigterm)   # replaces submitit's "ignore SIGTERM"
-        while not self._exited.wait(0.5):
+        def other_failure() -> str:
             failed = [p for p in env.paths.folder.glob(marker_prefix + "*") if p != own_marker]
-            if failed and not self._exited.wait(5.0):   # a rank that fails too gets to report its own error
+            return failed[0].read_text().strip() if failed else ""
+
+        while not self._exited.wait(0.5):
+            if other_failure() and not self._exited.wait(5.0):   # a rank that fails too gets to report its own error
                 self._proc.kill()
                 self._exited.wait()
-                raise RuntimeError(f"rank {env.global_rank} stopped because {failed[0].read_text().strip()}")
+                raise RuntimeError(f"rank {env.global_rank} stopped because {other_failure()}")
         rc = self._proc.returncode
         status = read_status(run_dir)
         if status["state"] == "finished" and rc in (0, -signal.SIGUSR1, -signal.SIGTERM):
@@ -110,8 +113,16 @@ class TrainingJob(Checkpointable):
         if rc == 0 and status["state"] == "interrupted":
             return self._requeue_after_outside_stop(env)
         tail = log_tail(env.paths.stderr)
+        cause = error_line(tail) or status.get("message")
+        # launch/train.py states a refusal on the first rank only: a rank that failed without a cause waits for
+        # the rank that has one (exiting first, it would have Slurm end that rank before it could say why)
+        deadline = time.monotonic() + (10.0 if not cause else 0.0)
+        while time.monotonic() < deadline:
+            if other_failure():
+                raise RuntimeError(f"rank {env.global_rank} stopped because {other_failure()}")
+            time.sleep(0.5)
         message = (f"training failed on rank {env.global_rank} of job {env.job_id} with exit code {rc}: "
-                   f"{error_line(tail) or status.get('message') or 'see ' + str(env.paths.stderr)}")
+                   f"{cause or 'see ' + str(env.paths.stderr)}")
         own_marker.write_text(message + "\n")
         raise RuntimeError(f"{message}\nlast lines of {env.paths.stderr}:\n{tail}")
 
